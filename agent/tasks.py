@@ -1,0 +1,317 @@
+"""Task runners: one asyncio task per assigned task, driving it through the runtime.
+
+The lifecycle is SwarmKit's, one step at a time: pull → create → start → wait → (restart with
+backoff per the policy) and, when the assignment goes away, stop → remove. Each runner reports
+every state change through ``report`` (the session forwards it to the controller). A runner can
+also *adopt* a container found running after an agent restart: it skips straight to ``wait`` so
+the container is not restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from berth.agent.runtime import (
+    ContainerRecord,
+    ContainerRuntime,
+    ContainerSpec,
+    ExitStatus,
+    ImageInfo,
+    ImagePullError,
+    PortBinding,
+    RunningContainer,
+    RuntimeFailure,
+)
+from berth.proto.berth.v1 import types_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[pb.TaskStatus], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backoff:
+    """Exponential restart/retry delay, reset once a container has run for ``reset_after``."""
+
+    initial: float = 0.2
+    maximum: float = 10.0
+    reset_after: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.maximum, self.initial * (2 ** max(0, attempt - 1))))
+
+
+def container_spec(task: pb.Task, node_name: str) -> ContainerSpec:
+    spec = task.spec
+    return ContainerSpec(
+        task_id=task.id,
+        service=task.service,
+        slot=task.slot,
+        node_name=node_name,
+        image=spec.image,
+        args=tuple(spec.args),
+        env=dict(spec.env),
+        cpu_millis=spec.resources.cpu_millis,
+        memory_bytes=spec.resources.memory_bytes,
+        pids_limit=spec.pids_limit or 512,
+        network="host" if spec.network == pb.NETWORK_MODE_HOST else "bridge",
+        ports=tuple(
+            PortBinding(container_port=p.container_port, host_port=p.host_port, protocol=p.protocol or "tcp")  # type: ignore[arg-type]
+            for p in task.ports
+        ),
+    )
+
+
+def should_restart(policy: int, status: ExitStatus) -> bool:
+    if policy == pb.RESTART_POLICY_NEVER:
+        return False
+    if policy == pb.RESTART_POLICY_ON_FAILURE:
+        return status.oom_killed or status.exit_code != 0
+    return True  # ALWAYS (the default)
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        task: pb.Task,
+        *,
+        runtime: ContainerRuntime,
+        node_id: str,
+        node_name: str,
+        report: Report,
+        adopt: ContainerRecord | None = None,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self.task = task
+        self.runtime = runtime
+        self.node_id = node_id
+        self.node_name = node_name
+        self.report_fn = report
+        self.adopt = adopt
+        self.backoff = backoff
+        self.status = pb.TaskStatus(task_id=task.id, node_id=node_id, state=pb.TASK_STATE_ASSIGNED)
+        self._main: asyncio.Task[None] | None = None
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _report(self, state: int, message: str = "", *, error: str = "", **fields: object) -> None:
+        status = pb.TaskStatus()
+        status.CopyFrom(self.status)
+        status.state = state  # type: ignore[assignment]
+        status.message = message
+        status.error = error
+        for name, value in fields.items():
+            setattr(status, name, value)
+        status.updated_at = time.time()
+        self.status = status
+        log.info("task state task=%s state=%s message=%s", self.task.id, pb.TaskState.Name(state), message or error)
+        self.report_fn(status)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name=f"task-{self.task.id}")
+
+    async def shutdown(self) -> None:
+        """Stop the container and remove everything it had; report SHUTDOWN."""
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._main
+        try:
+            await self.runtime.stop(self.task.id)
+        except RuntimeFailure as exc:
+            log.warning("stop failed task=%s: %s", self.task.id, exc)
+        try:
+            await self.runtime.remove(self.task.id)
+        except RuntimeFailure as exc:
+            log.error("remove failed task=%s: %s", self.task.id, exc)
+        self._report(pb.TASK_STATE_SHUTDOWN, "stopped and removed")
+
+    async def _run(self) -> None:
+        if self.adopt is not None and self.adopt.running is not None:
+            running = self.adopt.running
+            self.status.restarts = 0
+            self._report(
+                pb.TASK_STATE_RUNNING,
+                "re-adopted after agent restart",
+                pid=running.pid,
+                container_ip=running.ip,
+                started_at=running.started_at,
+                image_digest=running.image_digest,
+            )
+            await self._supervise(running, created=True)
+            return
+        if self.adopt is not None:  # created earlier but not running: start it again
+            await self._supervise(None, created=True)
+            return
+        image = await self._pull()
+        await self._create(image)
+        await self._supervise(None, created=True)
+
+    async def _pull(self) -> ImageInfo:
+        attempt = 0
+        while True:
+            attempt += 1
+            self._report(pb.TASK_STATE_PREPARING, f"pulling image {self.task.spec.image}")
+            try:
+                return await self.runtime.pull(self.task.spec.image)
+            except ImagePullError as exc:
+                delay = Backoff(initial=1.0, maximum=30.0).delay(attempt)
+                self._report(pb.TASK_STATE_REJECTED, f"retrying in {delay:.0f}s", error=f"image pull failed: {exc.reason}")
+                await asyncio.sleep(delay)
+
+    async def _create(self, image: ImageInfo) -> None:
+        attempt = 0
+        spec = container_spec(self.task, self.node_name)
+        while True:
+            attempt += 1
+            self._report(pb.TASK_STATE_PREPARING, "creating container", image_digest=image.digest)
+            try:
+                await self.runtime.create(spec, image)
+                return
+            except RuntimeFailure as exc:
+                with contextlib.suppress(RuntimeFailure):
+                    await self.runtime.remove(self.task.id)
+                delay = Backoff(initial=1.0, maximum=30.0).delay(attempt)
+                self._report(pb.TASK_STATE_REJECTED, f"retrying in {delay:.0f}s", error=f"create failed: {exc.reason}")
+                await asyncio.sleep(delay)
+
+    async def _supervise(self, running: RunningContainer | None, *, created: bool) -> None:
+        failures = 0
+        policy = self.task.spec.restart
+        while True:
+            if running is None:
+                self._report(pb.TASK_STATE_STARTING, "starting container")
+                try:
+                    running = await self.runtime.start(self.task.id)
+                except RuntimeFailure as exc:
+                    failures += 1
+                    delay = self.backoff.delay(failures)
+                    self._report(pb.TASK_STATE_FAILED, f"restarting in {delay:.1f}s", error=f"start failed: {exc.reason}")
+                    await asyncio.sleep(delay)
+                    continue
+                self._report(
+                    pb.TASK_STATE_RUNNING,
+                    "",
+                    pid=running.pid,
+                    container_ip=running.ip,
+                    started_at=running.started_at,
+                    image_digest=running.image_digest,
+                )
+            exit_status = await self.runtime.wait(self.task.id)
+            ran_for = time.time() - running.started_at
+            running = None
+            if ran_for >= self.backoff.reset_after:
+                failures = 0
+            failures += 1
+            description = exit_status.describe()
+            if not should_restart(policy, exit_status):
+                final = pb.TASK_STATE_COMPLETE if exit_status.exit_code == 0 else pb.TASK_STATE_FAILED
+                self._report(final, description, exit_code=exit_status.exit_code or 0, pid=0)
+                return
+            delay = self.backoff.delay(failures)
+            self.status.restarts += 1
+            self._report(
+                pb.TASK_STATE_FAILED,
+                f"{description}; restarting in {delay:.1f}s",
+                error=description,
+                exit_code=exit_status.exit_code if exit_status.exit_code is not None else -1,
+                pid=0,
+            )
+            await asyncio.sleep(delay)
+
+
+class TaskManager:
+    """Holds the runners; applies full and incremental assignments from the controller."""
+
+    def __init__(self, runtime: ContainerRuntime, *, node_id: str, node_name: str, report: Report) -> None:
+        self.runtime = runtime
+        self.node_id = node_id
+        self.node_name = node_name
+        self.report = report
+        self.runners: dict[str, TaskRunner] = {}
+        self._found: dict[str, ContainerRecord] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    async def recover(self) -> list[pb.TaskStatus]:
+        """Find containers left by an earlier agent process; they keep running until the first
+        full assignment says whether they are still wanted."""
+        records = await self.runtime.list()
+        self._found = {r.spec.task_id: r for r in records}
+        statuses = []
+        for r in records:
+            if r.running is not None:
+                statuses.append(
+                    pb.TaskStatus(
+                        task_id=r.spec.task_id,
+                        node_id=self.node_id,
+                        state=pb.TASK_STATE_RUNNING,
+                        pid=r.running.pid,
+                        container_ip=r.running.ip,
+                        started_at=r.running.started_at,
+                        image_digest=r.running.image_digest,
+                    )
+                )
+        log.info("recovered containers=%d running=%d", len(records), len(statuses))
+        return statuses
+
+    def statuses(self) -> list[pb.TaskStatus]:
+        return [r.status for r in self.runners.values()]
+
+    def apply(self, tasks: Iterable[pb.Task], removed: Iterable[str], *, full: bool) -> None:
+        wanted = {t.id: t for t in tasks}
+        doomed = set(removed)
+        if full:
+            doomed |= set(self.runners) - set(wanted)
+            leftovers = set(self._found) - set(wanted)
+            for task_id in leftovers:
+                self._remove_orphan(task_id)
+        for task_id in doomed:
+            runner = self.runners.pop(task_id, None)
+            if runner is not None:
+                self._background(runner.shutdown())
+        for task_id, task in wanted.items():
+            if task_id in self.runners:
+                continue
+            runner = TaskRunner(
+                task,
+                runtime=self.runtime,
+                node_id=self.node_id,
+                node_name=self.node_name,
+                report=self.report,
+                adopt=self._found.pop(task_id, None),
+            )
+            self.runners[task_id] = runner
+            runner.start()
+
+    def _remove_orphan(self, task_id: str) -> None:
+        self._found.pop(task_id, None)
+
+        async def remove() -> None:
+            log.info("removing container no longer assigned task=%s", task_id)
+            with contextlib.suppress(RuntimeFailure):
+                await self.runtime.stop(task_id)
+            with contextlib.suppress(RuntimeFailure):
+                await self.runtime.remove(task_id)
+
+        self._background(remove())
+
+    def _background(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def close(self) -> None:
+        """Agent shutdown: stop supervising but leave containers running (they are re-adopted)."""
+        for runner in self.runners.values():
+            if runner._main is not None:
+                runner._main.cancel()
+        for task in list(self._stopping):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task

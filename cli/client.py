@@ -1,0 +1,44 @@
+"""A small synchronous ClusterAPI client: one channel to ``BERTH_ADDR``, errors translated once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from berth.cli.errors import ApiError
+from berth.proto.berth.v1 import cluster_pb2_grpc
+
+DEFAULT_ADDR = "127.0.0.1:7070"
+T = TypeVar("T")
+
+
+def controller_address() -> str:
+    return os.environ.get("BERTH_ADDR", DEFAULT_ADDR)
+
+
+class Client:
+    def __init__(self, address: str | None = None, timeout: float = 15.0) -> None:
+        self.address = address or controller_address()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.address)
+        self.stub = cluster_pb2_grpc.ClusterAPIStub(self._channel)
+
+    def call(self, method: Callable[..., T], request: object) -> T:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            details = exc.details() or code.name  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+                raise ApiError(
+                    f"cannot reach the controller at {self.address} (set BERTH_ADDR, or start one with `berth dev up`)"
+                ) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ApiError(f"the controller at {self.address} did not answer within {self.timeout:.0f}s") from None
+            raise ApiError(details) from None
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,126 @@
+"""``berth service``: declare, inspect, scale and remove services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from berth.cli.client import Client
+from berth.cli.errors import InputError
+from berth.cli.render import OutputFormat, emit
+from berth.cli.spec import (
+    load_file,
+    parse_constraint,
+    parse_env,
+    parse_port,
+    parse_replicas,
+    quantity,
+)
+from berth.cli.views import service_row, task_row
+from berth.proto.berth.v1 import cluster_pb2
+from berth.proto.berth.v1 import types_pb2 as pb
+from berth.proto.quantity import parse_cpu, parse_memory
+
+app = typer.Typer(help="Declare and manage services (N replicas of one image).", no_args_is_help=True)
+
+OUTPUT = typer.Option(OutputFormat.auto, "--output", "-o", help="table, json, or auto (table on a terminal).")
+
+
+@app.command("create", context_settings={"allow_interspersed_args": False})
+def create(
+    name: str = typer.Argument(..., help="Service name: lowercase letters, digits and '-'."),
+    command: list[str] = typer.Argument(None, help="After `--`: arguments replacing the image's CMD."),
+    image: str = typer.Option(..., "--image", help="Image reference, e.g. 10.210.0.1:5000/portal:1.0."),
+    replicas: int = typer.Option(1, "--replicas", "-r", help="How many copies to run."),
+    cpu: str = typer.Option("", "--cpu", help="CPU per replica: 250m, 0.5 or 2 (cores)."),
+    memory: str = typer.Option("", "--memory", help="Memory limit per replica: 64Mi, 1Gi."),
+    port: list[str] = typer.Option([], "--port", "-p", help="Publish: 8080 (dynamic host port) or 80:8080; repeat."),
+    env: list[str] = typer.Option([], "--env", "-e", help="Environment KEY=VALUE; repeat."),
+    constraint: list[str] = typer.Option([], "--constraint", help="Placement rule on node labels: key==value or key!=value."),
+    network: str = typer.Option("bridge", "--network", help="bridge (own namespace) or host (the host's stack)."),
+    restart: str = typer.Option("always", "--restart", help="always, on-failure or never."),
+) -> None:
+    """Create a service; the controller places its replicas on nodes.
+
+    Example: berth service create web --image REG/portal:1.0 --replicas 3 --cpu 250m --memory 64Mi --port 8080
+    """
+    spec = pb.ServiceSpec(name=name, image=image, replicas=parse_replicas(replicas), args=command or [])
+    if cpu:
+        spec.resources.cpu_millis = quantity("--cpu", cpu, parse_cpu)
+    if memory:
+        spec.resources.memory_bytes = quantity("--memory", memory, parse_memory)
+    spec.ports.extend(parse_port(p, f"--port {p}") for p in port)
+    spec.env.update(parse_env(env, "--env"))
+    spec.constraints.extend(parse_constraint(c, "--constraint") for c in constraint)
+    if network not in ("bridge", "host"):
+        raise InputError(f"--network: {network!r} is not bridge or host")
+    spec.network = pb.NETWORK_MODE_HOST if network == "host" else pb.NETWORK_MODE_BRIDGE
+    restarts = {"always": pb.RESTART_POLICY_ALWAYS, "on-failure": pb.RESTART_POLICY_ON_FAILURE, "never": pb.RESTART_POLICY_NEVER}
+    if restart not in restarts:
+        raise InputError(f"--restart: {restart!r} is not always, on-failure or never")
+    spec.restart = restarts[restart]  # type: ignore[assignment]
+    client = Client()
+    service = client.call(client.stub.CreateService, cluster_pb2.CreateServiceRequest(spec=spec))
+    typer.echo(service.spec.name)
+
+
+@app.command("apply")
+def apply(
+    file: Path = typer.Option(..., "--file", "-f", help="YAML spec file (several documents allowed; - for stdin)."),
+) -> None:
+    """Create or update services from a YAML file; applying the same file twice changes nothing."""
+    specs = load_file(file)
+    client = Client()
+    for spec in specs:
+        result = client.call(client.stub.ApplyService, cluster_pb2.ApplyServiceRequest(spec=spec))
+        verb = "created" if result.created else ("updated" if result.changed else "unchanged")
+        typer.echo(f"service/{spec.name} {verb}")
+
+
+@app.command("ls")
+def ls(output: OutputFormat = OUTPUT) -> None:
+    """List services with running/desired replicas."""
+    client = Client()
+    response = client.call(client.stub.ListServices, cluster_pb2.ListServicesRequest())
+    rows = [service_row(v) for v in response.services]
+    emit(output, rows, [("name", "NAME"), ("image", "IMAGE"), ("replicas", "REPLICAS"), ("pending", "PENDING"),
+                        ("cpu", "CPU"), ("memory", "MEMORY"), ("ports", "PORTS")])
+
+
+@app.command("ps")
+def ps(name: str = typer.Argument(..., help="Service name."), output: OutputFormat = OUTPUT) -> None:
+    """Show a service's tasks: where each runs, its state, why it waits, and where it answers."""
+    client = Client()
+    response = client.call(client.stub.ListTasks, cluster_pb2.ListTasksRequest(service=name))
+    rows = [task_row(v) for v in response.tasks]
+    emit(output, rows, [("id", "ID"), ("slot", "SLOT"), ("node", "NODE"), ("state", "STATE"),
+                        ("address", "ADDRESS"), ("restarts", "RESTARTS"), ("reason", "REASON")])
+
+
+@app.command("scale")
+def scale(assignments: list[str] = typer.Argument(..., help="NAME=REPLICAS, one or more.")) -> None:
+    """Change how many replicas run, e.g. `berth service scale portal=9`."""
+    parsed = []
+    for item in assignments:
+        name, sep, count = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"scale: {item!r} is not NAME=REPLICAS, e.g. portal=9")
+        try:
+            value = int(count)
+        except ValueError:
+            raise InputError(f"replicas: {count!r} is not a whole number (in {item!r})") from None
+        parsed.append((name, parse_replicas(value)))
+    client = Client()
+    for name, value in parsed:
+        client.call(client.stub.ScaleService, cluster_pb2.ScaleServiceRequest(name=name, replicas=value))
+        typer.echo(f"service/{name} scaled to {value}")
+
+
+@app.command("rm")
+def rm(names: list[str] = typer.Argument(..., help="Service names.")) -> None:
+    """Remove services; their containers are stopped and cleaned up on every node."""
+    client = Client()
+    for name in names:
+        client.call(client.stub.RemoveService, cluster_pb2.RemoveServiceRequest(name=name))
+        typer.echo(f"service/{name} removed")

@@ -1,0 +1,113 @@
+"""Translate between the stored state and the pure scheduler's model, both ways.
+
+The scheduler sees only frozen dataclasses; this module is the codec at that edge: it builds the
+node snapshot (capacity, what placed tasks already hold, taken host ports, replicas per service)
+and turns a ``Plan`` back into task updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from berth.controller.scheduler import (
+    Availability,
+    Constraint,
+    NodeInfo,
+    Plan,
+    PortRequest,
+    Resources,
+    TaskRequest,
+)
+from berth.proto.berth.v1 import types_pb2 as pb
+
+_AVAILABILITY = {
+    pb.NODE_AVAILABILITY_UNSPECIFIED: Availability.ACTIVE,
+    pb.NODE_AVAILABILITY_ACTIVE: Availability.ACTIVE,
+    pb.NODE_AVAILABILITY_PAUSE: Availability.PAUSE,
+    pb.NODE_AVAILABILITY_DRAIN: Availability.DRAIN,
+}
+
+
+def resources_of(r: pb.Resources) -> Resources:
+    return Resources(cpu_millis=r.cpu_millis, memory_bytes=r.memory_bytes, scalars=dict(r.scalars))
+
+
+def to_pb_resources(r: Resources) -> pb.Resources:
+    return pb.Resources(cpu_millis=r.cpu_millis, memory_bytes=r.memory_bytes, scalars=dict(r.scalars))
+
+
+def allocated_by(tasks: Iterable[pb.Task]) -> Resources:
+    cpu = mem = 0
+    scalars: dict[str, int] = {}
+    for t in tasks:
+        req = t.spec.resources
+        cpu += req.cpu_millis
+        mem += req.memory_bytes
+        for name, value in req.scalars.items():
+            scalars[name] = scalars.get(name, 0) + value
+    return Resources(cpu_millis=cpu, memory_bytes=mem, scalars=scalars)
+
+
+def node_info(node: pb.Node, placed: Sequence[pb.Task]) -> NodeInfo:
+    counts: dict[str, int] = {}
+    ports: set[tuple[str, int]] = set()
+    for t in placed:
+        counts[t.service] = counts.get(t.service, 0) + 1
+        for p in t.ports:
+            ports.add((p.protocol or "tcp", p.host_port))
+    return NodeInfo(
+        id=node.id,
+        name=node.name,
+        capacity=resources_of(node.capacity),
+        allocated=allocated_by(placed),
+        labels=dict(node.labels),
+        ready=node.state == pb.NODE_STATE_READY,
+        availability=_AVAILABILITY[node.availability],
+        used_ports=frozenset(ports),
+        service_counts=counts,
+    )
+
+
+def task_request(task: pb.Task) -> TaskRequest:
+    spec = task.spec
+    host_net = spec.network == pb.NETWORK_MODE_HOST
+    return TaskRequest(
+        task_id=task.id,
+        service=task.service,
+        slot=task.slot,
+        resources=resources_of(spec.resources),
+        ports=tuple(
+            PortRequest(
+                container_port=p.container_port,
+                # with host networking the container binds the host port itself
+                host_port=(p.host_port or p.container_port) if host_net else p.host_port,
+                protocol=p.protocol or "tcp",
+            )
+            for p in spec.ports
+        ),
+        constraints=tuple(Constraint(key=c.key, op=c.op, value=c.value) for c in spec.constraints),
+    )
+
+
+def apply_plan(plan: Plan, pending: Mapping[str, tuple[str, pb.Task]], now: float) -> list[tuple[str, pb.Task]]:
+    """Return (key, task) updates for the plan; tasks whose reason did not change are left out."""
+    updates: list[tuple[str, pb.Task]] = []
+    for placement in plan.placements:
+        key, task = pending[placement.task_id]
+        placed = pb.Task()
+        placed.CopyFrom(task)
+        placed.node_id = placement.node_id
+        placed.pending_reason = ""
+        placed.assigned_at = now
+        del placed.ports[:]
+        for container_port, host_port, protocol in placement.ports:
+            placed.ports.add(container_port=container_port, host_port=host_port, protocol=protocol)
+        updates.append((key, placed))
+    for waiting in plan.pending:
+        key, task = pending[waiting.task_id]
+        if task.pending_reason != waiting.reason:
+            updated = pb.Task()
+            updated.CopyFrom(task)
+            updated.pending_reason = waiting.reason
+            updates.append((key, updated))
+    return updates

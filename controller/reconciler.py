@@ -1,0 +1,77 @@
+"""Keep every service at its replica count: pure computation over desired and observed state.
+
+``reconcile`` compares services with their task slots and returns what to create, replace and
+remove; it takes the clock and the id generator as arguments so it stays deterministic under
+test. The controller's loop (``berth.controller.cluster``) commits the result and hands the
+pending tasks to the scheduler.
+
+Rules, as in Swarm's replicated orchestrator:
+- slots ``1..replicas`` each hold exactly one task; a missing slot gets a new pending task;
+- a task whose spec generation is older than its service's is replaced by a new pending task in
+  the same slot (the old container is stopped; rolling updates are a later feature);
+- slots above ``replicas`` and tasks of removed services are deleted;
+- a task placed on a node that no longer exists goes back to pending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from berth.proto.berth.v1 import types_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconcileResult:
+    put: tuple[tuple[str, pb.Task], ...]  # (task key, new value): new, replacing or reset tasks
+    delete: tuple[str, ...]  # task keys
+
+    @property
+    def empty(self) -> bool:
+        return not self.put and not self.delete
+
+
+def new_task(service: pb.Service, slot: int, *, task_id: str, now: float) -> pb.Task:
+    return pb.Task(
+        id=task_id,
+        service=service.spec.name,
+        slot=slot,
+        spec_generation=service.generation,
+        spec=service.spec,
+        desired_state=pb.TASK_STATE_RUNNING,
+        created_at=now,
+        pending_reason="waiting for the scheduler",
+    )
+
+
+def reconcile(
+    *,
+    services: Mapping[str, pb.Service],
+    tasks: Mapping[str, pb.Task],
+    node_ids: set[str],
+    task_key: Callable[[str, int], str],
+    new_id: Callable[[str, int], str],
+    now: float,
+) -> ReconcileResult:
+    """Compute the task writes that bring slots in line with the declared services."""
+    put: list[tuple[str, pb.Task]] = []
+    delete: list[str] = []
+    wanted: set[str] = set()
+    for name, service in services.items():
+        for slot in range(1, service.spec.replicas + 1):
+            key = task_key(name, slot)
+            wanted.add(key)
+            current = tasks.get(key)
+            if current is None or current.spec_generation != service.generation:
+                put.append((key, new_task(service, slot, task_id=new_id(name, slot), now=now)))
+            elif current.node_id and current.node_id not in node_ids:
+                reset = pb.Task()
+                reset.CopyFrom(current)
+                reset.node_id = ""
+                del reset.ports[:]
+                reset.pending_reason = "its node was removed"
+                put.append((key, reset))
+    for key in tasks:
+        if key not in wanted:
+            delete.append(key)
+    return ReconcileResult(put=tuple(put), delete=tuple(sorted(delete)))

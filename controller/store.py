@@ -1,0 +1,224 @@
+"""The controller's only door to etcd: key layout, codec and guarded batched writes.
+
+Everything Berth knows lives under one prefix (default ``/berth/``)::
+
+    <prefix>services/<name>          Service      (spec + generation)
+    <prefix>tasks/<service>/<slot>   Task         (desired state of one slot)
+    <prefix>status/<task-id>         TaskStatus   (what the agent observed; written on change)
+    <prefix>nodes/<node-id>          Node         (capacity, labels, availability, state)
+
+Values are protobuf messages encoded as JSON, so ``etcdctl get --prefix /berth/`` is readable.
+Writes that depend on what was read carry the ``mod_revision`` they read (0 = "must not exist")
+and are committed in transactions of at most ``MAX_TXN_OPS`` operations; a failed comparison raises
+``ConflictError`` and writes nothing of that transaction.
+
+Errors: ``StoreError`` (etcd unreachable or failing; retryable) and its subclass ``ConflictError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+from aetcd import rpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from berth.proto.berth.v1 import types_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """etcd could not be reached or refused a request; callers may retry."""
+
+    retryable = True
+
+
+class ConflictError(StoreError):
+    """A guarded write found a revision other than the one it read; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The key layout under one prefix."""
+
+    prefix: str = "/berth/"
+
+    def service(self, name: str) -> str:
+        return f"{self.prefix}services/{name}"
+
+    def task(self, service: str, slot: int) -> str:
+        return f"{self.prefix}tasks/{service}/{slot}"
+
+    def status(self, task_id: str) -> str:
+        return f"{self.prefix}status/{task_id}"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}nodes/{node_id}"
+
+    @property
+    def services(self) -> str:
+        return f"{self.prefix}services/"
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.prefix}tasks/"
+
+    @property
+    def statuses(self) -> str:
+        return f"{self.prefix}status/"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}nodes/"
+
+
+def encode(message: Message) -> bytes:
+    return json_format.MessageToJson(message, indent=None, sort_keys=True).encode()
+
+
+def decode(data: bytes, message_type: type[M]) -> M:
+    message = message_type()
+    json_format.Parse(data, message, ignore_unknown_fields=True)
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class Stored(Generic[T]):
+    """A decoded value with the revision it was last modified at (for guarded writes)."""
+
+    value: T
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: Message
+    expect_revision: int | None = None  # None: unguarded; 0: must not exist; n: must be at n
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+    expect_revision: int | None = None
+
+
+Op = Put | Delete
+
+
+@dataclass(slots=True)
+class Loaded:
+    """Everything under the prefix at one revision (the start point for caches)."""
+
+    revision: int
+    services: dict[str, Stored[pb.Service]] = field(default_factory=dict)
+    tasks: dict[str, Stored[pb.Task]] = field(default_factory=dict)  # by task key
+    statuses: dict[str, Stored[pb.TaskStatus]] = field(default_factory=dict)  # by task id
+    nodes: dict[str, Stored[pb.Node]] = field(default_factory=dict)  # by node id
+
+
+def _chunks(ops: Sequence[Op], size: int) -> Iterator[Sequence[Op]]:
+    for start in range(0, len(ops), size):
+        yield ops[start : start + size]
+
+
+class Store:
+    """Async etcd adapter. One instance per controller process."""
+
+    def __init__(self, endpoint: str, prefix: str = "/berth/", timeout: float = 5.0) -> None:
+        parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        if not parts.hostname:
+            raise ValueError(f"--etcd: cannot parse {endpoint!r}; use e.g. http://127.0.0.1:2379")
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise ValueError(f"--prefix: {prefix!r} must start and end with '/'")
+        self.keys = Keys(prefix)
+        self.endpoint = endpoint
+        self._client = aetcd.Client(host=parts.hostname, port=parts.port or 2379, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ping(self) -> int:
+        """Return etcd's current revision; raises StoreError when etcd is unreachable."""
+        try:
+            status = await self._client.status()
+            return int(status.header.revision)
+        except aetcd.exceptions.ClientError as exc:
+            raise StoreError(f"etcd at {self.endpoint} unreachable: {exc}") from exc
+
+    async def load(self) -> Loaded:
+        """Read everything under the prefix in one consistent range read."""
+        try:
+            result = await self._client.get_prefix(self.keys.prefix.encode())
+        except aetcd.exceptions.ClientError as exc:
+            raise StoreError(f"etcd at {self.endpoint} unreachable: {exc}") from exc
+        loaded = Loaded(revision=int(result.header.revision))
+        for kv in result:
+            key = kv.key.decode()
+            rev = int(kv.mod_revision)
+            if key.startswith(self.keys.services):
+                loaded.services[key.removeprefix(self.keys.services)] = Stored(decode(kv.value, pb.Service), rev)
+            elif key.startswith(self.keys.tasks):
+                loaded.tasks[key] = Stored(decode(kv.value, pb.Task), rev)
+            elif key.startswith(self.keys.statuses):
+                loaded.statuses[key.removeprefix(self.keys.statuses)] = Stored(decode(kv.value, pb.TaskStatus), rev)
+            elif key.startswith(self.keys.nodes):
+                loaded.nodes[key.removeprefix(self.keys.nodes)] = Stored(decode(kv.value, pb.Node), rev)
+        return loaded
+
+    async def commit(self, ops: Sequence[Op]) -> dict[str, int]:
+        """Apply ops in guarded transactions of at most MAX_TXN_OPS each.
+
+        Returns the new mod_revision of every written key (deleted keys map to 0). A batch
+        whose guard fails raises ConflictError; earlier batches stay committed, so callers
+        batch only independent writes together (each guard covers its own key).
+        """
+        written: dict[str, int] = {}
+        for batch in _chunks(ops, MAX_TXN_OPS):
+            revision = await self._commit_batch(batch)
+            for op in batch:
+                written[op.key] = revision if isinstance(op, Put) else 0
+        return written
+
+    async def _commit_batch(self, batch: Sequence[Op]) -> int:
+        compares = []
+        requests = []
+        for op in batch:
+            key = op.key.encode()
+            if op.expect_revision is not None:
+                compares.append(
+                    rpc.Compare(
+                        result=rpc.Compare.EQUAL,
+                        target=rpc.Compare.MOD,
+                        key=key,
+                        mod_revision=op.expect_revision,
+                    )
+                )
+            if isinstance(op, Put):
+                requests.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=encode(op.value))))
+            else:
+                requests.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)))
+        try:
+            await self._client.connect()
+            response = await self._client.kvstub.Txn(
+                rpc.TxnRequest(compare=compares, success=requests, failure=[]),
+                timeout=self._client._timeout,
+            )
+        except aetcd.exceptions.ClientError as exc:
+            raise StoreError(f"etcd at {self.endpoint} failed a write: {exc}") from exc
+        except Exception as exc:  # grpc.aio.AioRpcError escapes aetcd's wrapper on raw stub calls
+            raise StoreError(f"etcd at {self.endpoint} failed a write: {exc}") from exc
+        if not response.succeeded:
+            raise ConflictError(f"concurrent change to one of {[op.key for op in batch][:3]}...")
+        return int(response.header.revision)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import typer
 
 from berth.cli.client import Client
-from berth.cli.errors import InputError
+from berth.cli.errors import CliError, InputError
 from berth.cli.render import OutputFormat, emit
 from berth.cli.spec import (
     load_file,
@@ -25,6 +27,33 @@ from berth.proto.quantity import parse_cpu, parse_memory
 app = typer.Typer(help="Declare and manage services (N replicas of one image).", no_args_is_help=True)
 
 OUTPUT = typer.Option(OutputFormat.auto, "--output", "-o", help="table, json, or auto (table on a terminal).")
+WAIT = typer.Option(False, "--wait", help="Wait until every replica runs, showing progress.")
+TIMEOUT = typer.Option(120.0, "--timeout", help="With --wait: give up after this many seconds.")
+
+
+def wait_running(client: Client, name: str, timeout: float) -> None:
+    """Poll until all of a service's replicas run; progress on stderr, one line per change."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        service = client.call(client.stub.GetService, cluster_pb2.GetServiceRequest(name=name))
+        tasks = client.call(client.stub.ListTasks, cluster_pb2.ListTasksRequest(service=name)).tasks
+        rows = [task_row(t) for t in tasks]
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        desired = service.service.spec.replicas
+        line = f"{name}: {service.running}/{desired} running (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
+        if line != last:
+            print(line, file=sys.stderr)
+            last = line
+        if service.running == desired and len(rows) == desired:
+            return
+        if time.monotonic() > deadline:
+            waiting = [r for r in rows if r["state"] != "running"]
+            detail = "; ".join(f"{r['id']} {r['state']}: {r['reason']}" for r in waiting[:3])
+            raise CliError(f"{name}: only {service.running}/{desired} running after {timeout:.0f}s ({detail})")
+        time.sleep(0.5)
 
 
 @app.command("create", context_settings={"allow_interspersed_args": False})
@@ -40,6 +69,8 @@ def create(
     constraint: list[str] = typer.Option([], "--constraint", help="Placement rule on node labels: key==value or key!=value."),
     network: str = typer.Option("bridge", "--network", help="bridge (own namespace) or host (the host's stack)."),
     restart: str = typer.Option("always", "--restart", help="always, on-failure or never."),
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
 ) -> None:
     """Create a service; the controller places its replicas on nodes.
 
@@ -63,11 +94,15 @@ def create(
     client = Client()
     service = client.call(client.stub.CreateService, cluster_pb2.CreateServiceRequest(spec=spec))
     typer.echo(service.spec.name)
+    if wait:
+        wait_running(client, name, timeout)
 
 
 @app.command("apply")
 def apply(
     file: Path = typer.Option(..., "--file", "-f", help="YAML spec file (several documents allowed; - for stdin)."),
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
 ) -> None:
     """Create or update services from a YAML file; applying the same file twice changes nothing."""
     specs = load_file(file)
@@ -76,6 +111,9 @@ def apply(
         result = client.call(client.stub.ApplyService, cluster_pb2.ApplyServiceRequest(spec=spec))
         verb = "created" if result.created else ("updated" if result.changed else "unchanged")
         typer.echo(f"service/{spec.name} {verb}")
+    if wait:
+        for spec in specs:
+            wait_running(client, spec.name, timeout)
 
 
 @app.command("ls")
@@ -99,7 +137,11 @@ def ps(name: str = typer.Argument(..., help="Service name."), output: OutputForm
 
 
 @app.command("scale")
-def scale(assignments: list[str] = typer.Argument(..., help="NAME=REPLICAS, one or more.")) -> None:
+def scale(
+    assignments: list[str] = typer.Argument(..., help="NAME=REPLICAS, one or more."),
+    wait: bool = WAIT,
+    timeout: float = TIMEOUT,
+) -> None:
     """Change how many replicas run, e.g. `berth service scale portal=9`."""
     parsed = []
     for item in assignments:
@@ -115,6 +157,9 @@ def scale(assignments: list[str] = typer.Argument(..., help="NAME=REPLICAS, one 
     for name, value in parsed:
         client.call(client.stub.ScaleService, cluster_pb2.ScaleServiceRequest(name=name, replicas=value))
         typer.echo(f"service/{name} scaled to {value}")
+    if wait:
+        for name, _ in parsed:
+            wait_running(client, name, timeout)
 
 
 @app.command("rm")

@@ -152,9 +152,13 @@ class Store:
     async def ping(self) -> int:
         """Return etcd's current revision; raises StoreError when etcd is unreachable."""
         try:
-            status = await self._client.status()
-            return int(status.header.revision)
-        except aetcd.exceptions.ClientError as exc:
+            await self._client.connect()
+            response = await self._client.kvstub.Range(
+                rpc.RangeRequest(key=self.keys.prefix.encode(), limit=1, keys_only=True),
+                timeout=self._client._timeout,
+            )
+            return int(response.header.revision)
+        except Exception as exc:  # aetcd errors, or grpc.aio.AioRpcError from the raw stub
             raise StoreError(f"etcd at {self.endpoint} unreachable: {exc}") from exc
 
     async def load(self) -> Loaded:

@@ -184,6 +184,7 @@ class TaskRunner:
 
     async def _supervise(self, running: RunningContainer | None, *, created: bool) -> None:
         failures = 0
+        last_exit = ""
         policy = self.task.spec.restart
         while True:
             if running is None:
@@ -198,7 +199,7 @@ class TaskRunner:
                     continue
                 self._report(
                     pb.TASK_STATE_RUNNING,
-                    "",
+                    f"restarted after: {last_exit}" if last_exit else "",
                     pid=running.pid,
                     container_ip=running.ip,
                     started_at=running.started_at,
@@ -211,6 +212,7 @@ class TaskRunner:
                 failures = 0
             failures += 1
             description = exit_status.describe()
+            last_exit = description
             if not should_restart(policy, exit_status):
                 final = pb.TASK_STATE_COMPLETE if exit_status.exit_code == 0 else pb.TASK_STATE_FAILED
                 self._report(final, description, exit_code=exit_status.exit_code or 0, pid=0)

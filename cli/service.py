@@ -56,7 +56,7 @@ def wait_running(client: Client, name: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-@app.command("create", context_settings={"allow_interspersed_args": False})
+@app.command("create")
 def create(
     name: str = typer.Argument(..., help="Service name: lowercase letters, digits and '-'."),
     command: list[str] = typer.Argument(None, help="After `--`: arguments replacing the image's CMD."),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
 from berth.controller.store import MAX_TXN_OPS, ConflictError, Delete, Put, Store, StoreError
 from berth.proto.berth.v1 import types_pb2 as pb
+
 from tests.integration.etcd_server import etcd_server, free_port
 
 pytestmark = pytest.mark.integration

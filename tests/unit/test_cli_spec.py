@@ -19,7 +19,9 @@ GOOD_PORTS = [
 ]
 
 
-@pytest.mark.parametrize(("value", "expected"), [(v, e) for _, v, e in GOOD_PORTS], ids=[i for i, _, _ in GOOD_PORTS])
+@pytest.mark.parametrize(
+    ("value", "expected"), [(v, e) for _, v, e in GOOD_PORTS], ids=[i for i, _, _ in GOOD_PORTS]
+)
 def test_parse_port(value: object, expected: tuple[int, int, str]) -> None:
     p = parse_port(value, "ports[0]")
     assert (p.container_port, p.host_port, p.protocol) == expected
@@ -35,7 +37,9 @@ BAD_PORTS = [
 ]
 
 
-@pytest.mark.parametrize(("value", "message"), [(v, m) for _, v, m in BAD_PORTS], ids=[i for i, _, _ in BAD_PORTS])
+@pytest.mark.parametrize(
+    ("value", "message"), [(v, m) for _, v, m in BAD_PORTS], ids=[i for i, _, _ in BAD_PORTS]
+)
 def test_parse_port_rejects(value: object, message: str) -> None:
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
         parse_port(value, "ports[0]")
@@ -74,17 +78,31 @@ def test_from_mapping_full_spec() -> None:
 BAD_SPECS = [
     ("negative-replicas", {"name": "a", "image": "i", "replicas": -1}, "replicas: must be 0 or more, got -1"),
     ("string-replicas", {"name": "a", "image": "i", "replicas": "many"}, "replicas: must be a whole number"),
-    ("bad-memory", {"name": "a", "image": "i", "resources": {"memory": "lots"}}, "resources.memory: cannot parse 'lots'"),
-    ("bad-cpu", {"name": "a", "image": "i", "resources": {"cpu": "fast"}}, "resources.cpu: cannot parse 'fast'"),
+    (
+        "bad-memory",
+        {"name": "a", "image": "i", "resources": {"memory": "lots"}},
+        "resources.memory: cannot parse 'lots'",
+    ),
+    (
+        "bad-cpu",
+        {"name": "a", "image": "i", "resources": {"cpu": "fast"}},
+        "resources.cpu: cannot parse 'fast'",
+    ),
     ("unknown-field", {"name": "a", "image": "i", "replica": 3}, "replica: unknown field"),
-    ("unknown-resource", {"name": "a", "image": "i", "resources": {"gpu": 1}}, "resources: unknown field 'gpu'"),
+    (
+        "unknown-resource",
+        {"name": "a", "image": "i", "resources": {"gpu": 1}},
+        "resources: unknown field 'gpu'",
+    ),
     ("bad-network", {"name": "a", "image": "i", "network": "overlay"}, "network: 'overlay' is not one of"),
     ("ports-not-list", {"name": "a", "image": "i", "ports": 8080}, "ports: must be a list"),
     ("not-mapping", ["name"], "must be a mapping"),
 ]
 
 
-@pytest.mark.parametrize(("data", "message"), [(d, m) for _, d, m in BAD_SPECS], ids=[i for i, _, _ in BAD_SPECS])
+@pytest.mark.parametrize(
+    ("data", "message"), [(d, m) for _, d, m in BAD_SPECS], ids=[i for i, _, _ in BAD_SPECS]
+)
 def test_from_mapping_rejects(data: object, message: str) -> None:
     with pytest.raises(InputError) as info:
         from_mapping(data)

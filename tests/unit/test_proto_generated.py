@@ -9,8 +9,16 @@ import pytest
 
 from berth.proto import generate
 
-GENERATED = ["types_pb2.py", "types_pb2.pyi", "cluster_pb2.py", "cluster_pb2.pyi", "cluster_pb2_grpc.py",
-             "agent_pb2.py", "agent_pb2.pyi", "agent_pb2_grpc.py"]
+GENERATED = [
+    "types_pb2.py",
+    "types_pb2.pyi",
+    "cluster_pb2.py",
+    "cluster_pb2.pyi",
+    "cluster_pb2_grpc.py",
+    "agent_pb2.py",
+    "agent_pb2.pyi",
+    "agent_pb2_grpc.py",
+]
 
 
 @pytest.mark.parametrize("name", GENERATED)

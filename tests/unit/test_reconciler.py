@@ -50,7 +50,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("replicas", "existing", "puts", "deletes"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("replicas", "existing", "puts", "deletes"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_slots_follow_replicas(replicas: int, existing: int, puts: int, deletes: int) -> None:
     svc = service("web", replicas)
     tasks = {key("web", i): new_task(svc, i, task_id=f"web.{i}.x", now=1) for i in range(1, existing + 1)}
@@ -85,7 +87,10 @@ def test_task_on_vanished_node_goes_back_to_pending() -> None:
     assert reset.node_id == "" and not reset.ports and reset.id == "web.1.x"
 
 
-@given(st.dictionaries(st.sampled_from("abc"), st.integers(0, 8)), st.dictionaries(st.sampled_from("abcd"), st.integers(0, 8)))
+@given(
+    st.dictionaries(st.sampled_from("abc"), st.integers(0, 8)),
+    st.dictionaries(st.sampled_from("abcd"), st.integers(0, 8)),
+)
 def test_never_more_than_count_and_idempotent(wanted: dict[str, int], existing: dict[str, int]) -> None:
     services = {n: service(n, r) for n, r in wanted.items()}
     tasks = {}

@@ -4,6 +4,12 @@
 # (which does no reverse DNS lookups, so it starts instantly in a namespace without DNS).
 set -eu
 
+# Like docker-entrypoint.sh: arguments (a service's `args`, or `berth service create ... -- CMD`)
+# run instead of the page server, so one image serves the demo and the tests' probes.
+if [ "$#" -gt 0 ]; then
+    exec "$@"
+fi
+
 PORT="${PORT:-8080}"
 TASK="${BERTH_TASK_ID:-unknown}"
 SERVICE="${BERTH_SERVICE:-portal}"
@@ -50,4 +56,11 @@ HTML
 echo "portal task=${TASK} service=${SERVICE} slot=${SLOT} host=${NODE}" > "$WWW/whoami"
 
 echo "portal: task=${TASK} host=${NODE} serving ${WWW} on 0.0.0.0:${PORT}" >&2
-exec httpd -f -v -p "0.0.0.0:${PORT}" -h "$WWW"
+# As PID 1 of its namespace the shell would ignore SIGTERM (no default action for PID 1), so a
+# stop would wait for the SIGKILL deadline: run httpd as a child and forward TERM/INT to it.
+httpd -f -v -p "0.0.0.0:${PORT}" -h "$WWW" &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+wait "$child"
+trap - TERM INT
+wait "$child"

@@ -1,0 +1,102 @@
+"""schedule(): place tasks on nodes, one at a time, over a working copy of a snapshot.
+
+The flow for each task, in the given order:
+
+    filters.run_filters  -> checks (reason, passing mask) over every node
+    filters.feasible     -> candidate nodes
+    scoring.choose       -> best fit, then spread, then seeded tie-break
+    ports.allocate + NodeTable.commit -> the working copy sees the placement
+
+or, with no candidate, a :class:`Pending` whose reason counts each node under its first failing
+filter. Nothing here does I/O, reads a clock or draws unseeded randomness: the same input gives
+the same plan. The controller's plan applier re-checks the plan against fresh state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from . import filters, scoring
+from .model import NodeInfo, NodeTable, Pending, Placement, Plan, TaskRequest
+from .ports import PortBook
+
+DEFAULT_DYNAMIC_PORTS = (30000, 32767)
+"""The host port range dynamic ports are taken from, like Kubernetes' NodePort range."""
+
+
+def schedule(
+    nodes: Sequence[NodeInfo],
+    tasks: Sequence[TaskRequest],
+    *,
+    dynamic_ports: tuple[int, int] = DEFAULT_DYNAMIC_PORTS,
+    seed: int = 0,
+) -> Plan:
+    """Place ``tasks`` (in order) on ``nodes``; return the placements and the pending tasks."""
+    run = _Run(nodes, tasks, dynamic_ports=dynamic_ports, seed=seed)
+    placements: list[Placement] = []
+    pending: list[Pending] = []
+    for task in tasks:
+        outcome = run.place(task)
+        if isinstance(outcome, Placement):
+            placements.append(outcome)
+        else:
+            pending.append(outcome)
+    return Plan(placements=tuple(placements), pending=tuple(pending))
+
+
+class _Run:
+    """The working state of one schedule() call."""
+
+    def __init__(
+        self,
+        nodes: Sequence[NodeInfo],
+        tasks: Sequence[TaskRequest],
+        *,
+        dynamic_ports: tuple[int, int],
+        seed: int,
+    ) -> None:
+        self.table = NodeTable.build(nodes, tasks, seed=seed)
+        self.ports = PortBook(nodes, dynamic_ports)
+        self._unplaceable: dict[Hashable, tuple[int, Pending]] = {}
+
+    def place(self, task: TaskRequest) -> Placement | Pending:
+        """Place one task on the best feasible node, or say why none can take it."""
+        known = self._known_unplaceable(task)
+        if known is not None:
+            return known
+        request = np.maximum(self.table.vector(task.resources), 0)  # a negative request frees nothing
+        checks = filters.run_filters(self.table, self.ports, task, request)
+        rows = np.flatnonzero(filters.feasible(self.table.size, checks))
+        if rows.size == 0:
+            return self._pending(task, checks)
+        row = scoring.choose(self.table, rows, request, task.service, task.task_id)
+        mapped = self.ports.allocate(row, task.ports)
+        self.table.commit(row, request, task.service)
+        return Placement(task_id=task.task_id, node_id=self.table.ids[row], ports=mapped)
+
+    def _pending(self, task: TaskRequest, checks: Sequence[filters.Check]) -> Pending:
+        counts = filters.rejections(self.table.size, checks)
+        reason = filters.explain(self.table.size, counts)
+        pending = Pending(task_id=task.task_id, reason=reason, rejections=counts)
+        self._unplaceable[_shape(task)] = (self.table.version, pending)
+        return pending
+
+    def _known_unplaceable(self, task: TaskRequest) -> Pending | None:
+        """The answer for an identical-shaped task that was pending, if nothing was placed since.
+
+        Placements only ever fill nodes, so the answer and its reason would be the same.
+        """
+        known = self._unplaceable.get(_shape(task))
+        if known is None or known[0] != self.table.version:
+            return None
+        pending = known[1]
+        return Pending(task_id=task.task_id, reason=pending.reason, rejections=pending.rejections)
+
+
+def _shape(task: TaskRequest) -> Hashable:
+    """What feasibility depends on: resources, ports and constraints (not id, service or slot)."""
+    resources = task.resources
+    scalars = tuple(sorted(resources.scalars.items()))
+    return (resources.cpu_millis, resources.memory_bytes, scalars, task.ports, task.constraints)

@@ -1,0 +1,169 @@
+"""Scheduler invariants over generated clusters and task lists."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from berth.controller.scheduler import (
+    Availability,
+    Constraint,
+    NodeInfo,
+    Plan,
+    PortRequest,
+    Resources,
+    TaskRequest,
+    schedule,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+DYNAMIC = (30000, 30004)
+SCALARS = ("gpu", "ssd")
+AVAILABILITIES = (*[Availability.ACTIVE] * 8, Availability.PAUSE, Availability.DRAIN)
+LABELS = {"env": ("prod", "dev"), "zone": ("a", "b")}
+
+small = st.integers(min_value=0, max_value=4)
+"""Generated nodes are mostly ready, active and roomy, so that most generated tasks get placed."""
+
+
+@st.composite
+def resources(draw: st.DrawFn, *, scale: int, most: int, scalar_chance: float) -> Resources:
+    amounts = st.integers(min_value=0, max_value=most)
+    scalars = {}
+    if draw(st.floats(min_value=0, max_value=1)) < scalar_chance:
+        scalars = draw(
+            st.dictionaries(st.sampled_from(SCALARS), st.integers(min_value=0, max_value=3), max_size=2)
+        )
+    return Resources(
+        cpu_millis=draw(amounts) * scale, memory_bytes=draw(amounts) * scale * 1024, scalars=scalars
+    )
+
+
+@st.composite
+def nodes(draw: st.DrawFn) -> NodeInfo:
+    capacity = draw(resources(scale=1000, most=8, scalar_chance=0.7))
+    labels = draw(
+        st.dictionaries(st.sampled_from(sorted(LABELS)), st.sampled_from(("prod", "dev", "a", "b")))
+    )
+    used_ports = draw(
+        st.frozensets(
+            st.tuples(st.sampled_from(("tcp", "udp")), st.sampled_from((80, 443, *range(*DYNAMIC))))
+        )
+    )
+    return NodeInfo(
+        id=draw(st.text("abcdef0123456789", min_size=4, max_size=4)),
+        capacity=capacity,
+        allocated=draw(resources(scale=500, most=4, scalar_chance=0.3)),
+        labels=labels,
+        ready=draw(st.integers(min_value=0, max_value=5)) > 0,
+        availability=draw(st.sampled_from(AVAILABILITIES)),
+        used_ports=used_ports,
+        service_counts=draw(st.dictionaries(st.sampled_from(("web", "db")), small, max_size=2)),
+    )
+
+
+ports = st.builds(
+    PortRequest,
+    container_port=st.sampled_from((80, 53)),
+    host_port=st.sampled_from((0, 0, 80, 443, 30001)),
+    protocol=st.sampled_from(("tcp", "udp", "")),
+)
+constraints = st.builds(
+    Constraint,
+    key=st.sampled_from(sorted(LABELS)),
+    op=st.sampled_from(("==", "!=")),
+    value=st.sampled_from(("prod", "dev", "a")),
+)
+
+
+@st.composite
+def task_lists(draw: st.DrawFn) -> list[TaskRequest]:
+    count = draw(st.integers(min_value=0, max_value=12))
+    return [
+        TaskRequest(
+            task_id=f"t{i}",
+            service=draw(st.sampled_from(("web", "db"))),
+            slot=i,
+            resources=draw(resources(scale=500, most=4, scalar_chance=0.2)),
+            ports=tuple(draw(st.lists(ports, max_size=3))),
+            constraints=tuple(draw(st.lists(constraints, max_size=1))),
+        )
+        for i in range(count)
+    ]
+
+
+clusters = st.lists(nodes(), min_size=1, max_size=8, unique_by=lambda n: n.id)
+
+
+def run(cluster: list[NodeInfo], work: list[TaskRequest], seed: int = 0) -> Plan:
+    return schedule(cluster, work, dynamic_ports=DYNAMIC, seed=seed)
+
+
+def as_vector(r: Resources) -> dict[str, int]:
+    return {"cpu": r.cpu_millis, "memory": r.memory_bytes, **{f"s:{k}": v for k, v in r.scalars.items()}}
+
+
+@settings(max_examples=250, deadline=None)
+@given(clusters, task_lists())
+def test_plan_invariants(cluster: list[NodeInfo], work: list[TaskRequest]) -> None:
+    plan = run(cluster, work)
+    check_every_task_answered_once(cluster, work, plan)
+    check_never_overcommits(cluster, work, plan)
+    check_only_ready_active_nodes_meeting_constraints(cluster, work, plan)
+    check_host_ports_never_shared(cluster, work, plan)
+
+
+@settings(max_examples=60, deadline=None)
+@given(clusters, task_lists(), st.integers(min_value=0, max_value=3))
+def test_deterministic(cluster: list[NodeInfo], work: list[TaskRequest], seed: int) -> None:
+    assert run(cluster, work, seed) == run(cluster, work, seed)
+
+
+def check_never_overcommits(cluster: list[NodeInfo], work: list[TaskRequest], plan: Plan) -> None:
+    by_id = {n.id: n for n in cluster}
+    requests = {t.task_id: t.resources for t in work}
+    added: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for placement in plan.placements:
+        for dim, amount in as_vector(requests[placement.task_id]).items():
+            added[placement.node_id][dim] += amount
+    for node_id, dims in added.items():
+        n = by_id[node_id]
+        capacity, allocated = as_vector(n.capacity), as_vector(n.allocated)
+        for dim, amount in dims.items():
+            if amount > 0:
+                assert allocated.get(dim, 0) + amount <= capacity.get(dim, 0), (node_id, dim)
+
+
+def check_only_ready_active_nodes_meeting_constraints(
+    cluster: list[NodeInfo], work: list[TaskRequest], plan: Plan
+) -> None:
+    by_id = {n.id: n for n in cluster}
+    by_task = {t.task_id: t for t in work}
+    for placement in plan.placements:
+        n = by_id[placement.node_id]
+        assert n.ready
+        assert n.availability is Availability.ACTIVE
+        for c in by_task[placement.task_id].constraints:
+            matches = n.labels.get(c.key) == c.value
+            assert matches if c.op == "==" else not matches
+
+
+def check_host_ports_never_shared(cluster: list[NodeInfo], work: list[TaskRequest], plan: Plan) -> None:
+    taken = {n.id: set(n.used_ports) for n in cluster}
+    by_task = {t.task_id: t for t in work}
+    for placement in plan.placements:
+        requested = by_task[placement.task_id].ports
+        assert len(placement.ports) == len(requested)
+        for (container, host, protocol), request in zip(placement.ports, requested, strict=True):
+            assert container == request.container_port
+            assert host == request.host_port or (request.host_port == 0 and DYNAMIC[0] <= host <= DYNAMIC[1])
+            assert (protocol, host) not in taken[placement.node_id]
+            taken[placement.node_id].add((protocol, host))
+
+
+def check_every_task_answered_once(cluster: list[NodeInfo], work: list[TaskRequest], plan: Plan) -> None:
+    answered = [p.task_id for p in plan.placements] + [p.task_id for p in plan.pending]
+    assert sorted(answered) == sorted(t.task_id for t in work)
+    for pending in plan.pending:
+        assert sum(pending.rejections.values()) == len(cluster)
+        assert pending.reason.startswith(f"0/{len(cluster)} nodes available: ")

@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BERTH := $(VENV)/bin/berth
-APT_PACKAGES := runc etcd-server etcd-client skopeo umoci docker-registry busybox-static nftables iproute2 util-linux prometheus
+APT_PACKAGES := runc etcd-server etcd-client skopeo umoci docker-registry busybox-static nftables iproute2 util-linux
 PORTAL := deploy/examples/portal/portal.yaml
 
 .PHONY: deps apt venv demo down test unit integration lint proto
@@ -22,28 +22,29 @@ apt:
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml
+	@python3 -c 'import ensurepip' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
 demo: deps
-	$(BERTH) dev up --hosts 3
+	@if $(BERTH) dev status -o json 2>/dev/null | $(PY) -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["up"] else 1)'; then \
+		echo "dev cluster 'dev' is already up (make down removes it)"; \
+	else $(BERTH) dev up --hosts 3; fi
 	$(BERTH) service apply -f $(PORTAL) --wait
 	@echo
 	$(BERTH) service ps portal -o table
 	@echo
 	@echo "Each replica answers at its address:"
-	@for addr in $$($(BERTH) service ps portal -o json | $(PY) -c 'import json,sys; print(" ".join(t["address"] for t in json.load(sys.stdin) if t["address"]))'); do \
-		printf '  http://%-22s -> ' "$$addr"; busybox wget -q -T 3 -O - "http://$$addr/" | grep -o 'portal task=[^<]*' || echo "(no answer)"; \
-	done
+	@$(BERTH) service ps portal -o json | $(PY) deploy/examples/portal/answers.py
 	@echo
 	@echo "Try: $(BERTH) service scale portal=9 ; $(BERTH) node ls ; make down"
 
 down:
 	$(BERTH) dev down
 
-test: deps
+test: deps lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 unit: venv
@@ -51,7 +52,7 @@ unit: venv
 
 lint: venv
 	$(VENV)/bin/ruff check controller agent cli proto tests
-	$(VENV)/bin/mypy controller agent cli proto/quantity.py
+	$(VENV)/bin/mypy -p berth.controller -p berth.agent -p berth.cli -p berth.proto
 
 proto: venv
 	$(PY) -m berth.proto.generate

@@ -9,7 +9,6 @@ import signal
 from pathlib import Path
 
 import typer
-
 from berth.agent import capacity
 from berth.agent.logs import setup_logging
 from berth.agent.runc import RuncRuntime
@@ -64,16 +63,24 @@ async def run(session: Session, manager: TaskManager) -> None:
 def main(
     controller: str = typer.Option("127.0.0.1:7070", help="Controller gRPC address (host:port)."),
     name: str = typer.Option(..., help="Node name, unique in the cluster."),
-    address: str = typer.Option("", help="This host's address, where published ports answer. Default: detected."),
+    address: str = typer.Option(
+        "", help="This host's address, where published ports answer. Default: detected."
+    ),
     cpus: str = typer.Option("", help="CPU capacity to offer (e.g. 2 or 1500m). Default: detected."),
     memory: str = typer.Option("", help="Memory capacity to offer (e.g. 4Gi). Default: detected."),
     label: list[str] = typer.Option([], help="Node label KEY=VALUE; repeat for several."),
-    state_dir: Path = typer.Option(Path("/var/lib/berth/agent"), help="Where images, bundles and the node id live."),
-    subnet: str = typer.Option("10.220.0.0/24", help="This host's container subnet (bridge gets the first address)."),
+    state_dir: Path = typer.Option(
+        Path("/var/lib/berth/agent"), help="Where images, bundles and the node id live."
+    ),
+    subnet: str = typer.Option(
+        "10.220.0.0/24", help="This host's container subnet (bridge gets the first address)."
+    ),
     bridge: str = typer.Option("berth0", help="Name of the container bridge on this host."),
     cgroup_parent: str = typer.Option("berth", help="cgroup parent for this agent's containers."),
     nft_table: str = typer.Option("berth", help="nftables table this agent owns (NAT, published ports)."),
-    insecure_registry: list[str] = typer.Option([], help="Registry host:port reached over plain HTTP; repeat."),
+    insecure_registry: list[str] = typer.Option(
+        [], help="Registry host:port reached over plain HTTP; repeat."
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the Berth agent: registers this host and runs the containers assigned to it."""

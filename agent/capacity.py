@@ -26,10 +26,16 @@ def detect_memory_bytes() -> int:
 
 def detect_address() -> str:
     """The first global IPv4 address in this network namespace (the host's address)."""
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show"], check=True, capture_output=True, text=True
+    ).stdout
     for link in json.loads(out):
         for info in link.get("addr_info", []):
             addr = ipaddress.ip_address(info["local"])
-            if not addr.is_loopback and info.get("scope") == "global" and not link["ifname"].startswith("berth"):
+            if (
+                not addr.is_loopback
+                and info.get("scope") == "global"
+                and not link["ifname"].startswith("berth")
+            ):
                 return str(addr)
     return "127.0.0.1"

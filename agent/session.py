@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-
 from berth.agent.tasks import TaskManager
 from berth.proto.berth.v1 import agent_pb2, agent_pb2_grpc
 from berth.proto.berth.v1 import types_pb2 as pb
@@ -96,7 +95,9 @@ class Session:
                         heartbeats = asyncio.create_task(self._heartbeats())
                         statuses = self.manager.statuses()
                         if statuses:
-                            self._outbox.put_nowait(agent_pb2.AgentMessage(status=agent_pb2.StatusReport(statuses=statuses)))
+                            self._outbox.put_nowait(
+                                agent_pb2.AgentMessage(status=agent_pb2.StatusReport(statuses=statuses))
+                            )
                     elif kind == "assignments":
                         a = message.assignments
                         self.manager.apply(a.tasks, a.removed, full=a.full)
@@ -117,4 +118,6 @@ class Session:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sent_at=time.monotonic())))
+            self._outbox.put_nowait(
+                agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sent_at=time.monotonic()))
+            )

@@ -99,17 +99,21 @@ class TaskRunner:
 
     # -- reporting -----------------------------------------------------------------------
 
-    def _report(self, state: int, message: str = "", *, error: str = "", **fields: object) -> None:
+    def _report(
+        self, state: pb.TaskState.ValueType, message: str = "", *, error: str = "", **fields: object
+    ) -> None:
         status = pb.TaskStatus()
         status.CopyFrom(self.status)
-        status.state = state  # type: ignore[assignment]
+        status.state = state
         status.message = message
         status.error = error
         for name, value in fields.items():
             setattr(status, name, value)
         status.updated_at = time.time()
         self.status = status
-        log.info("task state task=%s state=%s message=%s", self.task.id, pb.TaskState.Name(state), message or error)
+        log.info(
+            "task state task=%s state=%s message=%s", self.task.id, pb.TaskState.Name(state), message or error
+        )
         self.report_fn(status)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -163,7 +167,11 @@ class TaskRunner:
                 return await self.runtime.pull(self.task.spec.image)
             except ImagePullError as exc:
                 delay = Backoff(initial=1.0, maximum=30.0).delay(attempt)
-                self._report(pb.TASK_STATE_REJECTED, f"retrying in {delay:.0f}s", error=f"image pull failed: {exc.reason}")
+                self._report(
+                    pb.TASK_STATE_REJECTED,
+                    f"retrying in {delay:.0f}s",
+                    error=f"image pull failed: {exc.reason}",
+                )
                 await asyncio.sleep(delay)
 
     async def _create(self, image: ImageInfo) -> None:
@@ -179,7 +187,9 @@ class TaskRunner:
                 with contextlib.suppress(RuntimeFailure):
                     await self.runtime.remove(self.task.id)
                 delay = Backoff(initial=1.0, maximum=30.0).delay(attempt)
-                self._report(pb.TASK_STATE_REJECTED, f"retrying in {delay:.0f}s", error=f"create failed: {exc.reason}")
+                self._report(
+                    pb.TASK_STATE_REJECTED, f"retrying in {delay:.0f}s", error=f"create failed: {exc.reason}"
+                )
                 await asyncio.sleep(delay)
 
     async def _supervise(self, running: RunningContainer | None, *, created: bool) -> None:
@@ -194,7 +204,11 @@ class TaskRunner:
                 except RuntimeFailure as exc:
                     failures += 1
                     delay = self.backoff.delay(failures)
-                    self._report(pb.TASK_STATE_FAILED, f"restarting in {delay:.1f}s", error=f"start failed: {exc.reason}")
+                    self._report(
+                        pb.TASK_STATE_FAILED,
+                        f"restarting in {delay:.1f}s",
+                        error=f"start failed: {exc.reason}",
+                    )
                     await asyncio.sleep(delay)
                     continue
                 self._report(

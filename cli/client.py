@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
-
 from berth.cli.errors import ApiError
 from berth.proto.berth.v1 import cluster_pb2_grpc
 
@@ -30,14 +29,17 @@ class Client:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
-            details = exc.details() or code.name  # type: ignore[attr-defined]
+            code = exc.code()
+            details = exc.details() or code.name
             if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
                 raise ApiError(
-                    f"cannot reach the controller at {self.address} (set BERTH_ADDR, or start one with `berth dev up`)"
+                    f"cannot reach the controller at {self.address} "
+                    "(set BERTH_ADDR, or start one with `berth dev up`)"
                 ) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise ApiError(f"the controller at {self.address} did not answer within {self.timeout:.0f}s") from None
+                raise ApiError(
+                    f"the controller at {self.address} did not answer within {self.timeout:.0f}s"
+                ) from None
             raise ApiError(details) from None
 
     def close(self) -> None:

@@ -71,9 +71,17 @@ def up(
     """Build the cluster and wait until every component is up."""
     try:
         config = DevClusterConfig(
-            name=name, hosts=hosts, base_dir=base_dir, host_cpus=cpus, host_memory=memory,
-            etcd_port=etcd_port, registry_port=registry_port, controller_port=controller_port,
-            subnet_index=subnet_index, start_controller=not no_agents, start_agents=not no_agents,
+            name=name,
+            hosts=hosts,
+            base_dir=base_dir,
+            host_cpus=cpus,
+            host_memory=memory,
+            etcd_port=etcd_port,
+            registry_port=registry_port,
+            controller_port=controller_port,
+            subnet_index=subnet_index,
+            start_controller=not no_agents,
+            start_agents=not no_agents,
         )
         cluster = DevCluster(config)
     except DevClusterError as e:
@@ -125,14 +133,21 @@ def status(
         _fail(f"dev cluster {name!r} is not up (no {cluster.state_file}); start it with `berth dev up`")
         return
     console = Console()
-    console.print(f"[bold]dev cluster {st['name']}[/bold]  BERTH_ADDR={st['controller_address']}  "
-                  f"registry {st['registry_address']}  image {st['image'] or '-'}")
+    console.print(
+        f"[bold]dev cluster {st['name']}[/bold]  BERTH_ADDR={st['controller_address']}  "
+        f"registry {st['registry_address']}  image {st['image'] or '-'}"
+    )
     procs = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("PROCESS", "PID", "STATE", "ADDRESS", "LOG"):
         procs.add_column(col)
     for p in st["processes"]:
-        procs.add_row(p["name"], str(p["pid"]), "[green]up[/green]" if p["alive"] else "[red]down[/red]",
-                      p["address"] or "-", p["log"])
+        procs.add_row(
+            p["name"],
+            str(p["pid"]),
+            "[green]up[/green]" if p["alive"] else "[red]down[/red]",
+            p["address"] or "-",
+            p["log"],
+        )
     console.print(procs)
     console.print()
     hosts = Table(box=None, pad_edge=False, header_style="bold")
@@ -140,9 +155,16 @@ def status(
         hosts.add_column(col)
     for h in st["hosts"]:
         labels = ",".join(f"{k}={v}" for k, v in h["labels"].items()) or "-"
-        hosts.add_row(h["name"], h["netns"], h["address"], h["subnet"],
-                      "[green]up[/green]" if h["agent_alive"] else "[red]down[/red]",
-                      h["cpus"] or "-", h["memory"] or "-", labels)
+        hosts.add_row(
+            h["name"],
+            h["netns"],
+            h["address"],
+            h["subnet"],
+            "[green]up[/green]" if h["agent_alive"] else "[red]down[/red]",
+            h["cpus"] or "-",
+            h["memory"] or "-",
+            labels,
+        )
     console.print(hosts)
 
 

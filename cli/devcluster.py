@@ -93,14 +93,19 @@ class DevClusterConfig:
             raise DevClusterError(f"--hosts must be between 0 and {_MAX_HOST_INDEX}")
         if not 0 <= self.subnet_index <= 9:
             raise DevClusterError("subnet_index must be between 0 and 9")
-        for what, port in (("etcd", self.etcd_port), ("registry", self.registry_port),
-                           ("controller", self.controller_port)):
+        for what, port in (
+            ("etcd", self.etcd_port),
+            ("registry", self.registry_port),
+            ("controller", self.controller_port),
+        ):
             if not 1 <= port <= 65534:
                 raise DevClusterError(f"bad {what} port {port}")
         ports = [self.etcd_port, self.etcd_port + 1, self.registry_port, self.controller_port]
         if len(set(ports)) != len(ports):
-            raise DevClusterError(f"ports overlap: etcd {self.etcd_port}(+1), registry {self.registry_port}, "
-                                  f"controller {self.controller_port}")
+            raise DevClusterError(
+                f"ports overlap: etcd {self.etcd_port}(+1), registry {self.registry_port}, "
+                f"controller {self.controller_port}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -121,15 +126,15 @@ class DevClusterConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostInfo:
-    name: str            # node name given to the agent (--name), e.g. "h1"
-    index: int           # i: picks the address 10.(210+k).0.(10+i) and the subnet 10.(220+k).i.0/24
-    netns: str           # berth-<cluster>-<name>
-    address: str         # the host's IP on the cluster bridge
-    subnet: str          # its container subnet
-    veth: str            # root-namespace end of its veth pair (eth0 inside)
+    name: str  # node name given to the agent (--name), e.g. "h1"
+    index: int  # i: picks the address 10.(210+k).0.(10+i) and the subnet 10.(220+k).i.0/24
+    netns: str  # berth-<cluster>-<name>
+    address: str  # the host's IP on the cluster bridge
+    subnet: str  # its container subnet
+    veth: str  # root-namespace end of its veth pair (eth0 inside)
     state_dir: str
-    cgroup_parent: str   # berth-<cluster>-<name>
-    nft_table: str       # the agent's table, inside the host namespace
+    cgroup_parent: str  # berth-<cluster>-<name>
+    nft_table: str  # the agent's table, inside the host namespace
     cpus: str | None = None
     memory: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
@@ -155,19 +160,26 @@ class ProcessInfo:
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> ProcessInfo:
-        return ProcessInfo(name=d["name"], pid=int(d["pid"]), argv=list(d.get("argv", [])),
-                           log=d.get("log", ""), address=d.get("address", ""))
+        return ProcessInfo(
+            name=d["name"],
+            pid=int(d["pid"]),
+            argv=list(d.get("argv", [])),
+            log=d.get("log", ""),
+            address=d.get("address", ""),
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
 
 
-def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
-         timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: Sequence[str], *, check: bool = True, input: str | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     try:
-        done = subprocess.run(list(argv), check=False, capture_output=True, text=True, input=input,
-                              timeout=timeout)
+        done = subprocess.run(
+            list(argv), check=False, capture_output=True, text=True, input=input, timeout=timeout
+        )
     except FileNotFoundError as e:
         raise DevClusterError(f"{argv[0]} is not installed") from e
     except subprocess.TimeoutExpired as e:
@@ -413,9 +425,11 @@ def _delete_netns(ns: str) -> None:
 
 def _unmount_under(prefixes: Sequence[str], rounds: int = 4) -> list[str]:
     """Unmount every mount at or below one of ``prefixes`` (deepest, newest first); returns what is left."""
+
     def below() -> list[tuple[int, int, str]]:
         return [
-            (mnt.count("/"), i, mnt) for i, (mnt, _) in enumerate(_mounts())
+            (mnt.count("/"), i, mnt)
+            for i, (mnt, _) in enumerate(_mounts())
             if any(mnt == p or mnt.startswith(p.rstrip("/") + "/") for p in prefixes)
         ]
 
@@ -470,7 +484,6 @@ def _cluster_netns(ns: str, name: str) -> bool:
     """The hosts' netns ``berth-<name>-<host>``, and the agents' container netns: the agent names those
     ``<its nft table>-<hash>``, and a dev host's table is ``berth_<name>_<host>``."""
     return ns.startswith((f"berth-{name}-", f"berth_{name}_"))
-
 
 
 def _teardown(name: str, base_dir: Path, state: Mapping[str, Any] | None) -> list[str]:
@@ -682,8 +695,11 @@ class DevCluster:
         if p is not None and p.pid == info.pid:
             return p.poll() is None
         state = _pid_state(info.pid)
-        return state is not None and state not in "ZX" and _proc_environ_has(
-            info.pid, f"{ENV_MARK}={self.name}".encode())
+        return (
+            state is not None
+            and state not in "ZX"
+            and _proc_environ_has(info.pid, f"{ENV_MARK}={self.name}".encode())
+        )
 
     # ---- up
 
@@ -697,30 +713,48 @@ class DevCluster:
             tools += ["runc"]
         missing = [t for t in tools if shutil.which(t) is None]
         if missing:
-            raise PreflightError(f"missing tools: {', '.join(missing)} (Debian packages: etcd-server, "
-                                  "docker-registry, skopeo, umoci, runc, nftables, iproute2)")
+            raise PreflightError(
+                f"missing tools: {', '.join(missing)} (Debian packages: etcd-server, "
+                "docker-registry, skopeo, umoci, runc, nftables, iproute2)"
+            )
         if self.state_file.exists():
-            raise PreflightError(f"dev cluster {self.name!r} is already up (state in {self.state_file}); "
-                                  f"run `berth dev down --name {self.name}` first")
+            raise PreflightError(
+                f"dev cluster {self.name!r} is already up (state in {self.state_file}); "
+                f"run `berth dev down --name {self.name}` first"
+            )
         leftovers: list[str] = []
         if self.cluster_dir.exists():
             leftovers.append(str(self.cluster_dir))
         leftovers += [ns for ns in _netns_names() if _cluster_netns(ns, self.name)]
-        leftovers += [str(lk.get("ifname")) for lk in _links()
-                      if lk.get("ifname") == self.bridge
-                      or str(lk.get("ifalias", "")).startswith(f"{LINK_ALIAS}/{self.name}/")]
+        leftovers += [
+            str(lk.get("ifname"))
+            for lk in _links()
+            if lk.get("ifname") == self.bridge
+            or str(lk.get("ifalias", "")).startswith(f"{LINK_ALIAS}/{self.name}/")
+        ]
         if leftovers:
             found = ", ".join(leftovers[:5])
-            raise PreflightError(f"leftovers of dev cluster {self.name!r} exist ({found}); "
-                                  f"run `berth dev down --name {self.name}` first")
+            raise PreflightError(
+                f"leftovers of dev cluster {self.name!r} exist ({found}); "
+                f"run `berth dev down --name {self.name}` first"
+            )
         routes = _run(["ip", "-4", "route", "show"], check=False).stdout
         for net in (f"10.{210 + self.config.subnet_index}.", f"10.{220 + self.config.subnet_index}."):
             if any(line.startswith(net) for line in routes.splitlines()):
-                raise PreflightError(f"addresses {net}0.0/16 are already routed here "
-                                      "(another dev cluster?); pick another --subnet-index")
-        busy = [str(p) for p in (self.config.etcd_port, self.config.etcd_port + 1,
-                                 self.config.registry_port, self.config.controller_port)
-                if not _port_free(p)]
+                raise PreflightError(
+                    f"addresses {net}0.0/16 are already routed here "
+                    "(another dev cluster?); pick another --subnet-index"
+                )
+        busy = [
+            str(p)
+            for p in (
+                self.config.etcd_port,
+                self.config.etcd_port + 1,
+                self.config.registry_port,
+                self.config.controller_port,
+            )
+            if not _port_free(p)
+        ]
         if busy:
             raise PreflightError(f"ports already in use: {', '.join(busy)}")
 
@@ -730,8 +764,13 @@ class DevCluster:
         self._preflight()
         cfg = self.config
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._state = {"config": cfg.to_json(), "hosts": {}, "processes": {}, "image": None,
-                       "created": time.time()}
+        self._state = {
+            "config": cfg.to_json(),
+            "hosts": {},
+            "processes": {},
+            "image": None,
+            "created": time.time(),
+        }
         self._save()
 
         progress(f"network: bridge {self.bridge} {self.bridge_ip}/24")
@@ -746,16 +785,19 @@ class DevCluster:
         self._start_registry()
         if cfg.build_image:
             try:
-                ref = build_portal_image(self.registry_address, work_dir=self.cluster_dir / "image",
-                                         progress=progress)
+                ref = build_portal_image(
+                    self.registry_address, work_dir=self.cluster_dir / "image", progress=progress
+                )
             except ImageBuildError as e:
                 raise DevClusterError(f"portal image: {e}") from e
             self._state["image"] = ref
             self._save()
             progress(f"image: pushed {ref}")
         if cfg.start_controller:
-            progress(f"controller: starting on {self.controller_address} and {self.bridge_ip}:"
-                     f"{cfg.controller_port}")
+            progress(
+                f"controller: starting on {self.controller_address} and {self.bridge_ip}:"
+                f"{cfg.controller_port}"
+            )
             self.start_controller()
         if cfg.start_agents:
             for host in self.hosts:
@@ -785,16 +827,23 @@ class DevCluster:
         )
         _run(["nft", "-f", "-"], input=rules)
 
-    def _make_host(self, name: str, index: int, cpus: str | None, memory: str | None,
-                   labels: Mapping[str, str]) -> HostInfo:
+    def _make_host(
+        self, name: str, index: int, cpus: str | None, memory: str | None, labels: Mapping[str, str]
+    ) -> HostInfo:
         k = self.config.subnet_index
         info = HostInfo(
-            name=name, index=index, netns=f"berth-{self.name}-{name}",
-            address=f"10.{210 + k}.0.{10 + index}", subnet=f"10.{220 + k}.{index}.0/24",
+            name=name,
+            index=index,
+            netns=f"berth-{self.name}-{name}",
+            address=f"10.{210 + k}.0.{10 + index}",
+            subnet=f"10.{220 + k}.{index}.0/24",
             veth=_link_name("bv", self.name, name),
             state_dir=str(self.cluster_dir / "hosts" / name),
-            cgroup_parent=f"berth-{self.name}-{name}", nft_table=f"berth_{self.name}_{name}",
-            cpus=cpus, memory=memory, labels=dict(labels),
+            cgroup_parent=f"berth-{self.name}-{name}",
+            nft_table=f"berth_{self.name}_{name}",
+            cpus=cpus,
+            memory=memory,
+            labels=dict(labels),
         )
         self._state.setdefault("hosts", {})[name] = info.to_json()
         self._save()
@@ -815,8 +864,9 @@ class DevCluster:
     # ---- processes
 
     def _child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k.lower() not in {"http_proxy", "https_proxy", "all_proxy"}}
+        env = {
+            k: v for k, v in os.environ.items() if k.lower() not in {"http_proxy", "https_proxy", "all_proxy"}
+        }
         env[ENV_MARK] = self.name
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -828,8 +878,15 @@ class DevCluster:
             out.write(f"\n==> {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
             out.flush()
             try:
-                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=self._child_env(), cwd=self.cluster_dir)
+                p = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=self._child_env(),
+                    cwd=self.cluster_dir,
+                )
             except FileNotFoundError as e:
                 raise DevClusterError(f"{argv[0]} is not installed") from e
         self._popen[key] = p
@@ -838,8 +895,9 @@ class DevCluster:
         self._save()
         return info
 
-    def _wait_ready(self, key: str, what: str, check: Callable[[], bool],
-                    timeout: float | None = None) -> None:
+    def _wait_ready(
+        self, key: str, what: str, check: Callable[[], bool], timeout: float | None = None
+    ) -> None:
         deadline = time.monotonic() + (timeout or self.config.ready_timeout)
         info = self._procs()[key]
         while True:
@@ -848,11 +906,13 @@ class DevCluster:
             if not self._alive(key):
                 p = self._popen.get(key)
                 code = f" (exit {p.returncode})" if p is not None and p.returncode is not None else ""
-                raise DevClusterError(f"{key} exited{code} before {what}; last lines of {info.log}:\n"
-                                      f"{_tail(info.log)}")
+                raise DevClusterError(
+                    f"{key} exited{code} before {what}; last lines of {info.log}:\n{_tail(info.log)}"
+                )
             if time.monotonic() > deadline:
-                raise DevClusterError(f"{key}: timed out waiting for {what}; last lines of {info.log}:\n"
-                                      f"{_tail(info.log)}")
+                raise DevClusterError(
+                    f"{key}: timed out waiting for {what}; last lines of {info.log}:\n{_tail(info.log)}"
+                )
             time.sleep(0.1)
 
     def _stop(self, key: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
@@ -879,10 +939,21 @@ class DevCluster:
         data = self.cluster_dir / "etcd"
         peer = f"http://127.0.0.1:{cfg.etcd_port + 1}"
         argv = [
-            "etcd", "--name", f"berth-{self.name}", "--data-dir", str(data),
-            "--listen-client-urls", self.etcd_endpoint, "--advertise-client-urls", self.etcd_endpoint,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"berth-{self.name}={peer}",
+            "etcd",
+            "--name",
+            f"berth-{self.name}",
+            "--data-dir",
+            str(data),
+            "--listen-client-urls",
+            self.etcd_endpoint,
+            "--advertise-client-urls",
+            self.etcd_endpoint,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"berth-{self.name}={peer}",
         ]
         self._spawn("etcd", argv, address=self.etcd_endpoint)
 
@@ -914,8 +985,11 @@ class DevCluster:
             "health:\n  storagedriver:\n    enabled: false\n"
         )
         self._spawn("registry", ["docker-registry", "serve", str(conf)], address=self.registry_address)
-        self._wait_ready("registry", "the registry answered /v2/",
-                         lambda: _http_get(f"http://{self.registry_address}/v2/")[0] == 200)
+        self._wait_ready(
+            "registry",
+            "the registry answered /v2/",
+            lambda: _http_get(f"http://{self.registry_address}/v2/")[0] == 200,
+        )
 
     def start_controller(self) -> None:
         """Start (or restart after ``stop_controller``) the controller; waits until its port accepts."""
@@ -923,17 +997,26 @@ class DevCluster:
             raise DevClusterError("the controller is already running")
         cfg = self.config
         argv = [
-            cfg.python, "-m", "berth.controller",
-            "--etcd", self.etcd_endpoint,
-            "--listen", self.controller_address,
-            "--listen", f"{self.bridge_ip}:{cfg.controller_port}",
-            "--prefix", "/berth/",
+            cfg.python,
+            "-m",
+            "berth.controller",
+            "--etcd",
+            self.etcd_endpoint,
+            "--listen",
+            self.controller_address,
+            "--listen",
+            f"{self.bridge_ip}:{cfg.controller_port}",
+            "--prefix",
+            "/berth/",
             *cfg.controller_args,
         ]
         both = f"{self.controller_address}, {self.bridge_ip}:{cfg.controller_port}"
         self._spawn("controller", argv, address=both)
-        self._wait_ready("controller", f"the controller accepted connections on {self.controller_address}",
-                         lambda: _tcp_accepts("127.0.0.1", cfg.controller_port))
+        self._wait_ready(
+            "controller",
+            f"the controller accepted connections on {self.controller_address}",
+            lambda: _tcp_accepts("127.0.0.1", cfg.controller_port),
+        )
 
     def stop_controller(self, sig: int = signal.SIGTERM) -> None:
         self._stop("controller", sig)
@@ -943,17 +1026,30 @@ class DevCluster:
         h = self.host(host)
         cfg = self.config
         argv = [
-            "nsenter", f"--net={NETNS_DIR / h.netns}", "--",
-            cfg.python, "-m", "berth.agent",
-            "--controller", f"{self.bridge_ip}:{cfg.controller_port}",
-            "--name", h.name,
-            "--address", h.address,
-            "--subnet", h.subnet,
-            "--state-dir", h.state_dir,
-            "--cgroup-parent", h.cgroup_parent,
-            "--bridge", AGENT_BRIDGE,
-            "--nft-table", h.nft_table,
-            "--insecure-registry", self.registry_address,
+            "nsenter",
+            f"--net={NETNS_DIR / h.netns}",
+            "--",
+            cfg.python,
+            "-m",
+            "berth.agent",
+            "--controller",
+            f"{self.bridge_ip}:{cfg.controller_port}",
+            "--name",
+            h.name,
+            "--address",
+            h.address,
+            "--subnet",
+            h.subnet,
+            "--state-dir",
+            h.state_dir,
+            "--cgroup-parent",
+            h.cgroup_parent,
+            "--bridge",
+            AGENT_BRIDGE,
+            "--nft-table",
+            h.nft_table,
+            "--insecure-registry",
+            self.registry_address,
         ]
         if h.cpus:
             argv += ["--cpus", h.cpus]
@@ -974,8 +1070,9 @@ class DevCluster:
         while time.monotonic() < deadline:
             if not self._alive(key):
                 log = self._procs()[key].log
-                raise DevClusterError(f"the agent of {host} exited at start; last lines of {log}:\n"
-                                      f"{_tail(log)}")
+                raise DevClusterError(
+                    f"the agent of {host} exited at start; last lines of {log}:\n{_tail(log)}"
+                )
             time.sleep(0.05)
 
     def stop_agent(self, host: str, sig: int = signal.SIGTERM) -> None:
@@ -1000,8 +1097,14 @@ class DevCluster:
     def heal(self, host: str) -> None:
         _run(["ip", "link", "set", "dev", self.host(host).veth, "up"])
 
-    def add_host(self, name: str | None = None, *, cpus: str | None = None, memory: str | None = None,
-                 labels: Mapping[str, str] | None = None) -> HostInfo:
+    def add_host(
+        self,
+        name: str | None = None,
+        *,
+        cpus: str | None = None,
+        memory: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> HostInfo:
         """Add one more host (netns + agent, when the cluster runs agents) to a running cluster."""
         if not self.is_up():
             raise DevClusterError(f"dev cluster {self.name!r} is not up")
@@ -1011,8 +1114,9 @@ class DevCluster:
             raise DevClusterError("no more host addresses")
         name = name or f"h{index}"
         if not _HOST_RE.match(name):
-            raise DevClusterError(f"bad host name {name!r}: 1-8 lowercase letters and digits, "
-                                  "starting with a letter")
+            raise DevClusterError(
+                f"bad host name {name!r}: 1-8 lowercase letters and digits, starting with a letter"
+            )
         if name in hosts:
             raise DevClusterError(f"host {name!r} already exists")
         info = self._make_host(name, index, cpus, memory, labels or {})
@@ -1042,10 +1146,19 @@ class DevCluster:
                 for k, p in procs.items()
             ],
             "hosts": [
-                {"name": h.name, "netns": h.netns, "address": h.address, "subnet": h.subnet,
-                 "veth": h.veth, "state_dir": h.state_dir, "cgroup_parent": h.cgroup_parent,
-                 "cpus": h.cpus, "memory": h.memory, "labels": h.labels,
-                 "agent_alive": self._alive(f"agent-{h.name}")}
+                {
+                    "name": h.name,
+                    "netns": h.netns,
+                    "address": h.address,
+                    "subnet": h.subnet,
+                    "veth": h.veth,
+                    "state_dir": h.state_dir,
+                    "cgroup_parent": h.cgroup_parent,
+                    "cpus": h.cpus,
+                    "memory": h.memory,
+                    "labels": h.labels,
+                    "agent_alive": self._alive(f"agent-{h.name}"),
+                }
                 for h in self.hosts.values()
             ],
         }
@@ -1105,8 +1218,9 @@ class DevCluster:
         return names
 
     @staticmethod
-    def sweep(prefix: str, base_dir: Path = DEFAULT_BASE_DIR,
-              skip: Callable[[str], bool] | None = None) -> list[str]:
+    def sweep(
+        prefix: str, base_dir: Path = DEFAULT_BASE_DIR, skip: Callable[[str], bool] | None = None
+    ) -> list[str]:
         """Remove leftovers of (crashed) dev clusters whose name starts with ``prefix``, except those for
         which ``skip(name)`` is true (e.g. a cluster of a test run still alive). Returns the names swept."""
         swept: list[str] = []

@@ -11,7 +11,6 @@ import os
 import sys
 
 import typer
-
 from berth.cli import dev, node, service
 from berth.cli.errors import CliError
 
@@ -26,7 +25,10 @@ app.add_typer(service.app, name="service")
 app.add_typer(node.app, name="node")
 app.add_typer(dev.app, name="dev")
 
-PASSTHROUGH = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}, "add_help_option": False}
+PASSTHROUGH = {
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "add_help_option": False,
+}
 
 
 def _exec_module(module: str, args: list[str]) -> None:

@@ -34,9 +34,7 @@ def portal_source_dir() -> Path:
 
 def _run(argv: Sequence[str], *, env: dict[str, str] | None = None) -> str:
     try:
-        done = subprocess.run(
-            list(argv), check=False, capture_output=True, text=True, env=env, timeout=300
-        )
+        done = subprocess.run(list(argv), check=False, capture_output=True, text=True, env=env, timeout=300)
     except FileNotFoundError as e:
         raise ImageBuildError(f"{argv[0]} is not installed ({e})") from e
     except subprocess.TimeoutExpired as e:
@@ -100,23 +98,50 @@ def build_oci_layout(layout: Path, *, tag: str = PORTAL_TAG, source: Path | None
         root.mkdir()
         root.chmod(0o755)
         make_rootfs(root, source)
-        _run(["umoci", "insert", "--image", image, "--history.created_by", "berth dev: portal rootfs",
-              str(root), "/"])
-    _run([
-        "umoci", "config", "--image", image,
-        "--author", "berth",
-        "--os", "linux",
-        "--config.entrypoint", "/portal/start.sh",
-        "--clear", "config.cmd",
-        "--config.env", "PORT=8080",
-        "--config.env", f"PATH={_PATH}",
-        "--config.exposedports", "8080/tcp",
-        "--config.workingdir", "/www",
-        "--config.user", "0:0",
-        "--config.stopsignal", "SIGTERM",
-        "--config.label", "org.opencontainers.image.title=berth portal example",
-        "--history.created_by", "berth dev: portal config",
-    ])
+        _run(
+            [
+                "umoci",
+                "insert",
+                "--image",
+                image,
+                "--history.created_by",
+                "berth dev: portal rootfs",
+                str(root),
+                "/",
+            ]
+        )
+    _run(
+        [
+            "umoci",
+            "config",
+            "--image",
+            image,
+            "--author",
+            "berth",
+            "--os",
+            "linux",
+            "--config.entrypoint",
+            "/portal/start.sh",
+            "--clear",
+            "config.cmd",
+            "--config.env",
+            "PORT=8080",
+            "--config.env",
+            f"PATH={_PATH}",
+            "--config.exposedports",
+            "8080/tcp",
+            "--config.workingdir",
+            "/www",
+            "--config.user",
+            "0:0",
+            "--config.stopsignal",
+            "SIGTERM",
+            "--config.label",
+            "org.opencontainers.image.title=berth portal example",
+            "--history.created_by",
+            "berth dev: portal config",
+        ]
+    )
     _run(["umoci", "gc", "--layout", str(layout)])
     return f"oci:{image}"
 
@@ -124,8 +149,10 @@ def build_oci_layout(layout: Path, *, tag: str = PORTAL_TAG, source: Path | None
 def push(oci_ref: str, registry: str, name: str = PORTAL_NAME, tag: str = PORTAL_TAG) -> str:
     """Copy ``oci:<dir>:<tag>`` to ``docker://<registry>/<name>:<tag>`` over plain HTTP; returns the ref."""
     ref = f"{registry}/{name}:{tag}"
-    _run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", oci_ref, f"docker://{ref}"],
-         env=_no_proxy_env())
+    _run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", oci_ref, f"docker://{ref}"],
+        env=_no_proxy_env(),
+    )
     return ref
 
 

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import typer
-
 from berth.cli.client import Client
 from berth.cli.errors import CliError, InputError
 from berth.cli.render import OutputFormat, emit
@@ -43,7 +42,11 @@ def wait_running(client: Client, name: str, timeout: float) -> None:
         for row in rows:
             counts[row["state"]] = counts.get(row["state"], 0) + 1
         desired = service.service.spec.replicas
-        line = f"{name}: {service.running}/{desired} running (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
+        line = (
+            f"{name}: {service.running}/{desired} running ("
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + ")"
+        )
         if line != last:
             print(line, file=sys.stderr)
             last = line
@@ -52,7 +55,9 @@ def wait_running(client: Client, name: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             waiting = [r for r in rows if r["state"] != "running"]
             detail = "; ".join(f"{r['id']} {r['state']}: {r['reason']}" for r in waiting[:3])
-            raise CliError(f"{name}: only {service.running}/{desired} running after {timeout:.0f}s ({detail})")
+            raise CliError(
+                f"{name}: only {service.running}/{desired} running after {timeout:.0f}s ({detail})"
+            )
         time.sleep(0.5)
 
 
@@ -64,10 +69,16 @@ def create(
     replicas: int = typer.Option(1, "--replicas", "-r", help="How many copies to run."),
     cpu: str = typer.Option("", "--cpu", help="CPU per replica: 250m, 0.5 or 2 (cores)."),
     memory: str = typer.Option("", "--memory", help="Memory limit per replica: 64Mi, 1Gi."),
-    port: list[str] = typer.Option([], "--port", "-p", help="Publish: 8080 (dynamic host port) or 80:8080; repeat."),
+    port: list[str] = typer.Option(
+        [], "--port", "-p", help="Publish: 8080 (dynamic host port) or 80:8080; repeat."
+    ),
     env: list[str] = typer.Option([], "--env", "-e", help="Environment KEY=VALUE; repeat."),
-    constraint: list[str] = typer.Option([], "--constraint", help="Placement rule on node labels: key==value or key!=value."),
-    network: str = typer.Option("bridge", "--network", help="bridge (own namespace) or host (the host's stack)."),
+    constraint: list[str] = typer.Option(
+        [], "--constraint", help="Placement rule on node labels: key==value or key!=value."
+    ),
+    network: str = typer.Option(
+        "bridge", "--network", help="bridge (own namespace) or host (the host's stack)."
+    ),
     restart: str = typer.Option("always", "--restart", help="always, on-failure or never."),
     wait: bool = WAIT,
     timeout: float = TIMEOUT,
@@ -87,10 +98,14 @@ def create(
     if network not in ("bridge", "host"):
         raise InputError(f"--network: {network!r} is not bridge or host")
     spec.network = pb.NETWORK_MODE_HOST if network == "host" else pb.NETWORK_MODE_BRIDGE
-    restarts = {"always": pb.RESTART_POLICY_ALWAYS, "on-failure": pb.RESTART_POLICY_ON_FAILURE, "never": pb.RESTART_POLICY_NEVER}
+    restarts = {
+        "always": pb.RESTART_POLICY_ALWAYS,
+        "on-failure": pb.RESTART_POLICY_ON_FAILURE,
+        "never": pb.RESTART_POLICY_NEVER,
+    }
     if restart not in restarts:
         raise InputError(f"--restart: {restart!r} is not always, on-failure or never")
-    spec.restart = restarts[restart]  # type: ignore[assignment]
+    spec.restart = restarts[restart]
     client = Client()
     service = client.call(client.stub.CreateService, cluster_pb2.CreateServiceRequest(spec=spec))
     typer.echo(service.spec.name)
@@ -100,7 +115,9 @@ def create(
 
 @app.command("apply")
 def apply(
-    file: Path = typer.Option(..., "--file", "-f", help="YAML spec file (several documents allowed; - for stdin)."),
+    file: Path = typer.Option(
+        ..., "--file", "-f", help="YAML spec file (several documents allowed; - for stdin)."
+    ),
     wait: bool = WAIT,
     timeout: float = TIMEOUT,
 ) -> None:
@@ -122,8 +139,19 @@ def ls(output: OutputFormat = OUTPUT) -> None:
     client = Client()
     response = client.call(client.stub.ListServices, cluster_pb2.ListServicesRequest())
     rows = [service_row(v) for v in response.services]
-    emit(output, rows, [("name", "NAME"), ("image", "IMAGE"), ("replicas", "REPLICAS"), ("pending", "PENDING"),
-                        ("cpu", "CPU"), ("memory", "MEMORY"), ("ports", "PORTS")])
+    emit(
+        output,
+        rows,
+        [
+            ("name", "NAME"),
+            ("image", "IMAGE"),
+            ("replicas", "REPLICAS"),
+            ("pending", "PENDING"),
+            ("cpu", "CPU"),
+            ("memory", "MEMORY"),
+            ("ports", "PORTS"),
+        ],
+    )
 
 
 @app.command("ps")
@@ -132,8 +160,19 @@ def ps(name: str = typer.Argument(..., help="Service name."), output: OutputForm
     client = Client()
     response = client.call(client.stub.ListTasks, cluster_pb2.ListTasksRequest(service=name))
     rows = [task_row(v) for v in response.tasks]
-    emit(output, rows, [("id", "ID"), ("slot", "SLOT"), ("node", "NODE"), ("state", "STATE"),
-                        ("address", "ADDRESS"), ("restarts", "RESTARTS"), ("reason", "REASON")])
+    emit(
+        output,
+        rows,
+        [
+            ("id", "ID"),
+            ("slot", "SLOT"),
+            ("node", "NODE"),
+            ("state", "STATE"),
+            ("address", "ADDRESS"),
+            ("restarts", "RESTARTS"),
+            ("reason", "REASON"),
+        ],
+    )
 
 
 @app.command("scale")

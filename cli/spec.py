@@ -12,16 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from berth.cli.errors import InputError
 from berth.proto.berth.v1 import types_pb2 as pb
 from berth.proto.quantity import parse_cpu, parse_memory
 
-FIELDS = ("name", "image", "replicas", "resources", "ports", "env", "constraints", "args", "network", "restart", "pids_limit")
+FIELDS = (
+    "name",
+    "image",
+    "replicas",
+    "resources",
+    "ports",
+    "env",
+    "constraints",
+    "args",
+    "network",
+    "restart",
+    "pids_limit",
+)
 RESOURCE_FIELDS = ("cpu", "memory")
 PORT_FIELDS = ("container", "host", "protocol")
 NETWORKS = {"bridge": pb.NETWORK_MODE_BRIDGE, "host": pb.NETWORK_MODE_HOST}
-RESTARTS = {"always": pb.RESTART_POLICY_ALWAYS, "on-failure": pb.RESTART_POLICY_ON_FAILURE, "never": pb.RESTART_POLICY_NEVER}
+RESTARTS = {
+    "always": pb.RESTART_POLICY_ALWAYS,
+    "on-failure": pb.RESTART_POLICY_ON_FAILURE,
+    "never": pb.RESTART_POLICY_NEVER,
+}
 _PORT_RE = re.compile(r"^(?:(\d+):)?(\d+)(?:/(tcp|udp))?$")
 _CONSTRAINT_RE = re.compile(r"^\s*([^=!\s]+)\s*(==|!=)\s*(.+?)\s*$")
 
@@ -46,13 +61,15 @@ def parse_port(value: Any, field: str) -> pb.PortSpec:
         host = value.get("host", 0)
         protocol = value.get("protocol", "tcp")
     elif isinstance(value, bool):
-        raise InputError(f"{field}: {value!r} is not a port; use 8080, \"80:8080\" or \"8080/udp\"")
+        raise InputError(f'{field}: {value!r} is not a port; use 8080, "80:8080" or "8080/udp"')
     elif isinstance(value, int):
         container, host, protocol = value, 0, "tcp"
     else:
         match = _PORT_RE.match(str(value).strip())
         if not match:
-            raise InputError(f"{field}: cannot parse {value!r}; use CONTAINER, HOST:CONTAINER or CONTAINER/udp")
+            raise InputError(
+                f"{field}: cannot parse {value!r}; use CONTAINER, HOST:CONTAINER or CONTAINER/udp"
+            )
         container, host, protocol = int(match[2]), int(match[1] or 0), match[3] or "tcp"
     for part, number in (("container", container), ("host", host)):
         if isinstance(number, bool) or not isinstance(number, int):
@@ -61,15 +78,20 @@ def parse_port(value: Any, field: str) -> pb.PortSpec:
             raise InputError(f"{field}.{part}: port {number} is out of range; use 1-65535")
     if protocol not in ("tcp", "udp"):
         raise InputError(f"{field}.protocol: {protocol!r} is not tcp or udp")
+    assert isinstance(container, int) and isinstance(host, int)  # checked above
     return pb.PortSpec(container_port=container, host_port=host, protocol=protocol)
 
 
 def parse_constraint(value: Any, field: str) -> pb.Constraint:
     if isinstance(value, Mapping):
         try:
-            return pb.Constraint(key=str(value["key"]), op=str(value.get("op", "==")), value=str(value["value"]))
+            return pb.Constraint(
+                key=str(value["key"]), op=str(value.get("op", "==")), value=str(value["value"])
+            )
         except KeyError as exc:
-            raise InputError(f"{field}: missing {exc.args[0]!r}; use {{key, op, value}} or \"key==value\"") from None
+            raise InputError(
+                f'{field}: missing {exc.args[0]!r}; use {{key, op, value}} or "key==value"'
+            ) from None
     match = _CONSTRAINT_RE.match(str(value))
     if not match:
         raise InputError(f"{field}: cannot parse {value!r}; use KEY==VALUE or KEY!=VALUE, e.g. env==prod")
@@ -133,7 +155,9 @@ def from_mapping(data: Any, source: str = "spec") -> pb.ServiceSpec:
         if name in data and not isinstance(data[name], kind):
             raise InputError(f"{name}: must be a {'list' if kind is list else 'mapping'}")
     spec.ports.extend(parse_port(p, f"ports[{i}]") for i, p in enumerate(data.get("ports", [])))
-    spec.constraints.extend(parse_constraint(c, f"constraints[{i}]") for i, c in enumerate(data.get("constraints", [])))
+    spec.constraints.extend(
+        parse_constraint(c, f"constraints[{i}]") for i, c in enumerate(data.get("constraints", []))
+    )
     spec.args.extend(str(a) for a in data.get("args", []))
     for k, v in data.get("env", {}).items():
         spec.env[str(k)] = "" if v is None else str(v)

@@ -23,7 +23,9 @@ def task_row(view: cluster_pb2.TaskView) -> dict[str, Any]:
         reason = status.error or status.message
     else:
         state, reason = "assigned", "waiting for the agent"
-    ports = [f"{view.node_address}:{p.host_port}->{p.container_port}/{p.protocol or 'tcp'}" for p in task.ports]
+    ports = [
+        f"{view.node_address}:{p.host_port}->{p.container_port}/{p.protocol or 'tcp'}" for p in task.ports
+    ]
     address = ""
     if task.node_id and task.ports:
         address = f"{view.node_address}:{task.ports[0].host_port}"
@@ -73,7 +75,9 @@ def node_row(view: cluster_pb2.NodeView) -> dict[str, Any]:
         "name": node.name,
         "address": node.address,
         "state": state_name(node.state, pb.NodeState, "NODE_STATE_"),
-        "availability": state_name(node.availability or pb.NODE_AVAILABILITY_ACTIVE, pb.NodeAvailability, "NODE_AVAILABILITY_"),
+        "availability": state_name(
+            node.availability or pb.NODE_AVAILABILITY_ACTIVE, pb.NodeAvailability, "NODE_AVAILABILITY_"
+        ),
         "capacity": _resources(node.capacity),
         "allocated": _resources(alloc),
         "tasks": view.tasks,

@@ -8,7 +8,6 @@ import signal
 
 import grpc
 import typer
-
 from berth.controller.api import AgentService, ClusterService
 from berth.controller.cluster import Cluster
 from berth.controller.logs import setup_logging
@@ -53,7 +52,9 @@ async def serve(etcd: str, listen: list[str], prefix: str) -> None:
 @app.command()
 def main(
     etcd: str = typer.Option("http://127.0.0.1:2379", help="etcd client URL."),
-    listen: list[str] = typer.Option(["127.0.0.1:7070"], help="Address to serve gRPC on; repeat for several."),
+    listen: list[str] = typer.Option(
+        ["127.0.0.1:7070"], help="Address to serve gRPC on; repeat for several."
+    ),
     prefix: str = typer.Option("/berth/", help="Key prefix for all state in etcd."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:

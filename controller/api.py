@@ -13,7 +13,6 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
-
 from berth.controller.cluster import HEARTBEAT_INTERVAL, Cluster
 from berth.controller.errors import (
     AlreadyExistsError,
@@ -41,7 +40,7 @@ R = TypeVar("R")
 def status_code(exc: ClusterError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in _CODES:
-            return _CODES[cls]  # type: ignore[index]
+            return _CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -114,10 +113,14 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             return
         await context.write(
             agent_pb2.ControllerMessage(
-                registered=agent_pb2.Registered(node_id=session.node_id, heartbeat_interval=HEARTBEAT_INTERVAL)
+                registered=agent_pb2.Registered(
+                    node_id=session.node_id, heartbeat_interval=HEARTBEAT_INTERVAL
+                )
             )
         )
-        await context.write(agent_pb2.ControllerMessage(assignments=agent_pb2.Assignments(full=True, tasks=assigned)))
+        await context.write(
+            agent_pb2.ControllerMessage(assignments=agent_pb2.Assignments(full=True, tasks=assigned))
+        )
         reader = asyncio.create_task(self._read(session, context))
         try:
             while not reader.done():
@@ -139,7 +142,9 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             kind = message.WhichOneof("msg")
             if kind == "heartbeat":
                 session.outbox.put_nowait(
-                    agent_pb2.ControllerMessage(heartbeat_ack=agent_pb2.HeartbeatAck(sent_at=message.heartbeat.sent_at))
+                    agent_pb2.ControllerMessage(
+                        heartbeat_ack=agent_pb2.HeartbeatAck(sent_at=message.heartbeat.sent_at)
+                    )
                 )
             elif kind == "status":
                 try:

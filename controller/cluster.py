@@ -9,6 +9,7 @@ failed call changes nothing), and then the affected agents are told what changed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -59,17 +60,18 @@ class Cluster:
         self.state = ClusterState.from_loaded(self.keys, loaded)
         log.info(
             "state loaded revision=%d services=%d tasks=%d nodes=%d",
-            loaded.revision, len(self.state.services), len(self.state.tasks), len(self.state.nodes),
+            loaded.revision,
+            len(self.state.services),
+            len(self.state.tasks),
+            len(self.state.nodes),
         )
         self._loop_task = asyncio.create_task(self._run_loop(), name="reconcile-loop")
 
     async def stop(self) -> None:
         if self._loop_task:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
 
     def trigger(self) -> None:
         self._wake.set()
@@ -89,9 +91,17 @@ class Cluster:
             old = old_stored.value if old_stored else None
             new = op.value if isinstance(op, Put) else None
             assert new is None or isinstance(new, pb.Task)
-            if old is not None and old.node_id and (new is None or new.id != old.id or new.node_id != old.node_id):
+            if (
+                old is not None
+                and old.node_id
+                and (new is None or new.id != old.id or new.node_id != old.node_id)
+            ):
                 removed[old.node_id].append(old.id)
-            if new is not None and new.node_id and (old is None or old.id != new.id or old.node_id != new.node_id):
+            if (
+                new is not None
+                and new.node_id
+                and (old is None or old.id != new.id or old.node_id != new.node_id)
+            ):
                 added[new.node_id].append(new)
         try:
             revisions = await self.store.commit(ops)
@@ -104,7 +114,9 @@ class Cluster:
         self.state.apply(ops, revisions)
         for node_id in set(added) | set(removed):
             msg = agent_pb2.ControllerMessage(
-                assignments=agent_pb2.Assignments(full=False, tasks=added.get(node_id, []), removed=removed.get(node_id, []))
+                assignments=agent_pb2.Assignments(
+                    full=False, tasks=added.get(node_id, []), removed=removed.get(node_id, [])
+                )
             )
             self.hub.send(node_id, msg)
 
@@ -175,7 +187,12 @@ class Cluster:
             service.generation = previous.generation + (1 if bump_generation else 0)
         key = self.keys.service(spec.name)
         await self._commit([Put(key, service, self.state.revision_of(key))])
-        log.info("service stored service=%s generation=%d replicas=%d", spec.name, service.generation, spec.replicas)
+        log.info(
+            "service stored service=%s generation=%d replicas=%d",
+            spec.name,
+            service.generation,
+            spec.replicas,
+        )
         return service
 
     async def remove_service(self, name: str) -> None:
@@ -276,11 +293,21 @@ class Cluster:
                 if previous.value.state == pb.NODE_STATE_READY:
                     node.state_changed_at = previous.value.state_changed_at
             if previous is None or previous.value != node:
-                ops.append(Put(self.keys.node(reg.node_id), node, self.state.revision_of(self.keys.node(reg.node_id))))
+                ops.append(
+                    Put(
+                        self.keys.node(reg.node_id), node, self.state.revision_of(self.keys.node(reg.node_id))
+                    )
+                )
             await self._commit(ops)
             session = self.hub.attach(reg.node_id)
             assigned = self.state.tasks_by_node().get(reg.node_id, [])
-        log.info("node registered node=%s name=%s address=%s tasks=%d", reg.node_id, reg.name, reg.address, len(assigned))
+        log.info(
+            "node registered node=%s name=%s address=%s tasks=%d",
+            reg.node_id,
+            reg.name,
+            reg.address,
+            len(assigned),
+        )
         self.trigger()
         return session, assigned
 
@@ -316,17 +343,21 @@ class Cluster:
                 current = self.state.status_of(status.task_id)
                 if current == status:
                     continue
-                ops.append(Put(self.keys.status(status.task_id), status, self.state.revision_of(self.keys.status(status.task_id))))
+                ops.append(
+                    Put(
+                        self.keys.status(status.task_id),
+                        status,
+                        self.state.revision_of(self.keys.status(status.task_id)),
+                    )
+                )
             await self._commit(ops)
 
     # -- the loop ----------------------------------------------------------------------
 
     async def _run_loop(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=RESYNC_INTERVAL)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self.reconcile_once()
@@ -368,13 +399,17 @@ class Cluster:
     async def _schedule_pending(self, now: float) -> None:
         pending = {
             s.value.id: (key, s.value)
-            for key, s in sorted(self.state.tasks.items(), key=lambda kv: (kv[1].value.service, kv[1].value.slot))
+            for key, s in sorted(
+                self.state.tasks.items(), key=lambda kv: (kv[1].value.service, kv[1].value.slot)
+            )
             if not s.value.node_id and s.value.desired_state == pb.TASK_STATE_RUNNING
         }
         if not pending:
             return
         by_node = self.state.tasks_by_node()
-        nodes = [placement.node_info(s.value, by_node.get(nid, [])) for nid, s in sorted(self.state.nodes.items())]
+        nodes = [
+            placement.node_info(s.value, by_node.get(nid, [])) for nid, s in sorted(self.state.nodes.items())
+        ]
         plan = schedule(nodes, [placement.task_request(t) for _, t in pending.values()])
         updates = placement.apply_plan(plan, pending, now)
         ops: list[Op] = [Put(key, task, self.state.revision_of(key)) for key, task in updates]

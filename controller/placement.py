@@ -89,7 +89,9 @@ def task_request(task: pb.Task) -> TaskRequest:
     )
 
 
-def apply_plan(plan: Plan, pending: Mapping[str, tuple[str, pb.Task]], now: float) -> list[tuple[str, pb.Task]]:
+def apply_plan(
+    plan: Plan, pending: Mapping[str, tuple[str, pb.Task]], now: float
+) -> list[tuple[str, pb.Task]]:
     """Return (key, task) updates for the plan; tasks whose reason did not change are left out."""
     updates: list[tuple[str, pb.Task]] = []
     for placement in plan.placements:

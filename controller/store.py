@@ -26,10 +26,9 @@ from urllib.parse import urlsplit
 import aetcd
 import aetcd.exceptions
 from aetcd import rpc
+from berth.proto.berth.v1 import types_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
-
-from berth.proto.berth.v1 import types_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +171,15 @@ class Store:
             key = kv.key.decode()
             rev = int(kv.mod_revision)
             if key.startswith(self.keys.services):
-                loaded.services[key.removeprefix(self.keys.services)] = Stored(decode(kv.value, pb.Service), rev)
+                loaded.services[key.removeprefix(self.keys.services)] = Stored(
+                    decode(kv.value, pb.Service), rev
+                )
             elif key.startswith(self.keys.tasks):
                 loaded.tasks[key] = Stored(decode(kv.value, pb.Task), rev)
             elif key.startswith(self.keys.statuses):
-                loaded.statuses[key.removeprefix(self.keys.statuses)] = Stored(decode(kv.value, pb.TaskStatus), rev)
+                loaded.statuses[key.removeprefix(self.keys.statuses)] = Stored(
+                    decode(kv.value, pb.TaskStatus), rev
+                )
             elif key.startswith(self.keys.nodes):
                 loaded.nodes[key.removeprefix(self.keys.nodes)] = Stored(decode(kv.value, pb.Node), rev)
         return loaded

@@ -30,15 +30,17 @@ def generate(out_root: Path | None = None) -> Path:
             (out / "berth" / "proto" / "berth" / "v1").mkdir(parents=True, exist_ok=True)
         wkt = Path(protoc.__file__).parent / "_proto"
         files = [f"berth/proto/berth/v1/{name}" for name in SOURCES]
-        mypy_plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+        bindir = Path(sys.executable).parent
         args = [
             "protoc",
-            f"--plugin=protoc-gen-mypy={mypy_plugin}",
+            f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
             f"-I{include}",
             f"-I{wkt}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",
             f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
             *files,
         ]
         if protoc.main(args) != 0:

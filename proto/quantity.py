@@ -45,7 +45,7 @@ def parse_cpu(text: str | int | float) -> int:
 def format_memory(n: int) -> str:
     """Render bytes compactly with binary units (``128Mi``)."""
     for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
-        if n >= factor and n % (factor // 8 or 1) == 0 or n >= 10 * factor:
+        if (n >= factor and n % (factor // 8 or 1) == 0) or n >= 10 * factor:
             value = n / factor
             return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
     return str(n)

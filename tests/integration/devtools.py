@@ -64,8 +64,13 @@ def free_subnet_index() -> int:
 def make_config(suffix: str, hosts: int = 2) -> DevClusterConfig:
     etcd, registry, controller = free_ports(3)
     return DevClusterConfig(
-        name=f"dt{os.getpid()}{suffix}", hosts=hosts, base_dir=BASE_DIR, etcd_port=etcd, registry_port=registry,
-        controller_port=controller, subnet_index=free_subnet_index(),
+        name=f"dt{os.getpid()}{suffix}",
+        hosts=hosts,
+        base_dir=BASE_DIR,
+        etcd_port=etcd,
+        registry_port=registry,
+        controller_port=controller,
+        subnet_index=free_subnet_index(),
     )
 
 
@@ -101,5 +106,3 @@ def traces(name: str) -> list[str]:
     routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
     found += [f"route {r}" for r in routes.splitlines() if f"bb-{name}" in r]
     return found
-
-

@@ -27,13 +27,24 @@ def etcd_server(data_dir: Path) -> Iterator[str]:
     log = open(data_dir.parent / f"etcd-{client}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
-            "etcd", "--name", "t", "--data-dir", str(data_dir),
-            "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"t=http://127.0.0.1:{peer}",
+            "etcd",
+            "--name",
+            "t",
+            "--data-dir",
+            str(data_dir),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"t=http://127.0.0.1:{peer}",
         ],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 20

@@ -1,8 +1,9 @@
 """The dev cluster machinery against the real kernel, etcd, registry, skopeo and umoci.
 
 This file checks the infrastructure half (etcd, registry, image, namespaces, teardown) without
-controller and agents; tests/integration/test_services.py runs full clusters with the real ones. Every cluster has a unique name ``dt<pid>``; leftovers of earlier
-crashed runs (whose pid is gone) are swept first, and each test checks that ``down()`` left nothing.
+controller and agents; tests/integration/test_services.py runs full clusters with the real ones.
+Every cluster has a unique name ``dt<pid>``; leftovers of earlier crashed runs (whose pid is gone)
+are swept first, and each test checks that ``down()`` left nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def _get(url: str) -> bytes:
 def _in_netns(cluster: DevCluster, host: str, *argv: str) -> str:
     return subprocess.run(
         ["nsenter", f"--net={cluster.netns_path(host)}", *argv],
-        capture_output=True, text=True, timeout=20, check=True,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
     ).stdout
 
 
@@ -66,7 +70,10 @@ def test_up_without_agents_serves_image_to_hosts_and_down_leaves_nothing() -> No
         assert cluster.registry_address == f"10.{210 + config.subnet_index}.0.1:{config.registry_port}"
         inspect = subprocess.run(
             ["skopeo", "inspect", "--tls-verify=false", "--config", f"docker://{ref}"],
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         image_config = json.loads(inspect.stdout)["config"]
         assert image_config["Entrypoint"] == ["/portal/start.sh"]
@@ -76,8 +83,9 @@ def test_up_without_agents_serves_image_to_hosts_and_down_leaves_nothing() -> No
         for i, host in enumerate(("h1", "h2"), start=1):
             assert cluster.netns(host) == f"berth-{config.name}-{host}"
             assert cluster.host_address(host) == f"10.{210 + config.subnet_index}.0.{10 + i}"
-            body = _in_netns(cluster, host, "busybox", "wget", "-q", "-O-",
-                             f"http://{cluster.registry_address}/v2/")
+            body = _in_netns(
+                cluster, host, "busybox", "wget", "-q", "-O-", f"http://{cluster.registry_address}/v2/"
+            )
             assert body.strip() == "{}"
             addr = _in_netns(cluster, host, "ip", "-4", "-o", "addr", "show", "dev", "eth0")
             assert cluster.host_address(host) in addr

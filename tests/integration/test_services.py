@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-
 from berth.cli.devcluster import DevCluster
 from berth.controller.store import Store
+
 from tests.integration.devtools import BASE_DIR, make_config, owner_alive, traces
 
 pytestmark = pytest.mark.integration
@@ -257,7 +257,12 @@ image: IMAGE
 replicas: 1
 resources: {memory: 32Mi}
 constraints: ["zone==iso"]
-args: ["sh", "-c", "if [ ! -e /oomed ]; then touch /oomed; exec dd if=/dev/zero of=/dev/shm/fill bs=1M count=200; fi; exec sleep 600"]
+args:
+  - sh
+  - -c
+  - >-
+    if [ ! -e /oomed ]; then touch /oomed; exec dd if=/dev/zero of=/dev/shm/f bs=1M count=200; fi;
+    exec sleep 600
 """,
     )
     hog = wait_for(
@@ -270,6 +275,7 @@ args: ["sh", "-c", "if [ ! -e /oomed ]; then touch /oomed; exec dd if=/dev/zero 
     for row in (a, b):  # the neighbours ran on untouched
         assert after[row["id"]]["pid"] == row["pid"] and after[row["id"]]["restarts"] == 0
     berth(cluster, "service", "rm", "iso", "hog")
+    wait_for(lambda: not of_service(containers(cluster), "hog"), 30, "the hog removed")
 
 
 def test_scale_up_down_and_rm_leave_nothing_behind(cluster: DevCluster, tmp_path: Path) -> None:
@@ -384,7 +390,7 @@ def test_agent_restart_readopts_containers(cluster: DevCluster, tmp_path: Path) 
 def test_controller_restart_disturbs_nothing(cluster: DevCluster, tmp_path: Path) -> None:
     apply(cluster, tmp_path, STEADY)
     wait_for(lambda: all_running(cluster, "steady", 4), 60, "steady running")
-    before_containers = containers(cluster)
+    before_containers = of_service(containers(cluster), "steady")
     before_state = stored(cluster)
     cluster.stop_controller(signal.SIGKILL)
     cluster.start_controller()
@@ -394,7 +400,7 @@ def test_controller_restart_disturbs_nothing(cluster: DevCluster, tmp_path: Path
         "all agents reconnected",
     )
     time.sleep(2)
-    assert containers(cluster) == before_containers
+    assert of_service(containers(cluster), "steady") == before_containers
     assert stored(cluster) == before_state
     assert all_running(cluster, "steady", 4)
     berth(cluster, "service", "rm", "steady")

@@ -29,7 +29,9 @@ def test_roundtrip_and_layout(etcd: str) -> None:
         store = Store(etcd, "/rt/")
         svc = pb.Service(spec=pb.ServiceSpec(name="web", image="i", replicas=2), generation=1)
         node = pb.Node(id="n1", name="h1", capacity=pb.Resources(cpu_millis=2000))
-        revs = await store.commit([Put(store.keys.service("web"), svc, 0), Put(store.keys.node("n1"), node, 0)])
+        revs = await store.commit(
+            [Put(store.keys.service("web"), svc, 0), Put(store.keys.node("n1"), node, 0)]
+        )
         loaded = await store.load()
         assert loaded.services["web"].value == svc
         assert loaded.nodes["n1"].value == node
@@ -47,7 +49,9 @@ def test_guard_refuses_stale_write_and_writes_nothing(etcd: str) -> None:
         await store.commit([Put(key, pb.Service(generation=2), rev)])
         other = store.keys.service("b")
         with pytest.raises(ConflictError):  # stale guard on a; b in the same txn must not be written
-            await store.commit([Put(other, pb.Service(generation=9), 0), Put(key, pb.Service(generation=3), rev)])
+            await store.commit(
+                [Put(other, pb.Service(generation=9), 0), Put(key, pb.Service(generation=3), rev)]
+            )
         loaded = await store.load()
         assert loaded.services["a"].value.generation == 2
         assert "b" not in loaded.services
@@ -63,7 +67,10 @@ def test_guard_refuses_stale_write_and_writes_nothing(etcd: str) -> None:
 def test_large_commit_is_batched(etcd: str) -> None:
     async def go() -> None:
         store = Store(etcd, "/batch/")
-        ops = [Put(store.keys.task("s", i), pb.Task(id=f"s.{i}", slot=i), 0) for i in range(1, 3 * MAX_TXN_OPS + 2)]
+        ops = [
+            Put(store.keys.task("s", i), pb.Task(id=f"s.{i}", slot=i), 0)
+            for i in range(1, 3 * MAX_TXN_OPS + 2)
+        ]
         revisions = await store.commit(ops)
         assert len(set(revisions.values())) == 4  # four transactions
         assert len((await store.load()).tasks) == len(ops)

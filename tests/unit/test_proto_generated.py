@@ -6,7 +6,6 @@ import filecmp
 from pathlib import Path
 
 import pytest
-
 from berth.proto import generate
 
 GENERATED = [
@@ -18,6 +17,8 @@ GENERATED = [
     "agent_pb2.py",
     "agent_pb2.pyi",
     "agent_pb2_grpc.py",
+    "cluster_pb2_grpc.pyi",
+    "agent_pb2_grpc.pyi",
 ]
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from berth.controller.reconciler import new_task, reconcile
 from berth.proto.berth.v1 import types_pb2 as pb
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 def service(name: str, replicas: int, generation: int = 1) -> pb.Service:
@@ -83,7 +82,7 @@ def test_task_on_vanished_node_goes_back_to_pending() -> None:
     task.node_id = "gone"
     task.ports.add(container_port=80, host_port=30000)
     result = run({"web": svc}, {key("web", 1): task}, nodes={"n1"})
-    [(k, reset)] = result.put
+    [(_, reset)] = result.put
     assert reset.node_id == "" and not reset.ports and reset.id == "web.1.x"
 
 

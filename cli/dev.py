@@ -181,16 +181,3 @@ def down(name: NameOpt = "dev", base_dir: BaseDirOpt = DEFAULT_BASE_DIR) -> None
         _fail(str(e))
         return
     print(f"dev cluster {name!r} removed", file=sys.stderr)
-
-
-def main() -> None:
-    """Run ``berth dev`` on its own (``python -m berth.cli.dev``)."""
-    try:
-        app()
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-
-
-if __name__ == "__main__":
-    main()

@@ -415,6 +415,6 @@ class Cluster:
         ops: list[Op] = [Put(key, task, self.state.revision_of(key)) for key, task in updates]
         await self._commit(ops)
         for p in plan.placements:
-            log.info("task placed task=%s node=%s", p.task_id, p.node_id)
+            log.debug("task placed task=%s node=%s", p.task_id, p.node_id)
         for w in plan.pending:
             log.debug("task pending task=%s reason=%s", w.task_id, w.reason)

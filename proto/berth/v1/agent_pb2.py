@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from berth.proto.berth.v1 import types_pb2 as berth_dot_proto_dot_berth_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n berth/proto/berth/v1/agent.proto\x12\x08\x62\x65rth.v1\x1a berth/proto/berth/v1/types.proto\"\x91\x01\n\x0c\x41gentMessage\x12&\n\x08register\x18\x01 \x01(\x0b\x32\x12.berth.v1.RegisterH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.berth.v1.HeartbeatH\x00\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x16.berth.v1.StatusReportH\x00\x42\x05\n\x03msg\"\x97\x02\n\x08Register\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x13.berth.v1.Resources\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.berth.v1.Register.LabelsEntry\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\x12\x15\n\ragent_version\x18\x07 \x01(\t\x12%\n\x07running\x18\x08 \x03(\x0b\x32\x14.berth.v1.TaskStatus\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\tHeartbeat\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\"6\n\x0cStatusReport\x12&\n\x08statuses\x18\x01 \x03(\x0b\x32\x14.berth.v1.TaskStatus\"\xa5\x01\n\x11\x43ontrollerMessage\x12*\n\nregistered\x18\x01 \x01(\x0b\x32\x14.berth.v1.RegisteredH\x00\x12,\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x15.berth.v1.AssignmentsH\x00\x12/\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32\x16.berth.v1.HeartbeatAckH\x00\x42\x05\n\x03msg\"9\n\nRegistered\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\"K\n\x0b\x41ssignments\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\x1d\n\x05tasks\x18\x02 \x03(\x0b\x32\x0e.berth.v1.Task\x12\x0f\n\x07removed\x18\x03 \x03(\t\"\x1f\n\x0cHeartbeatAck\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\x32N\n\x08\x41gentAPI\x12\x42\n\x07\x43onnect\x12\x16.berth.v1.AgentMessage\x1a\x1b.berth.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n berth/proto/berth/v1/agent.proto\x12\x08\x62\x65rth.v1\x1a berth/proto/berth/v1/types.proto\"\x91\x01\n\x0c\x41gentMessage\x12&\n\x08register\x18\x01 \x01(\x0b\x32\x12.berth.v1.RegisterH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.berth.v1.HeartbeatH\x00\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x16.berth.v1.StatusReportH\x00\x42\x05\n\x03msg\"\x97\x02\n\x08Register\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x13.berth.v1.Resources\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.berth.v1.Register.LabelsEntry\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\x12\x15\n\ragent_version\x18\x07 \x01(\t\x12%\n\x07running\x18\x08 \x03(\x0b\x32\x14.berth.v1.TaskStatus\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\tHeartbeat\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\"6\n\x0cStatusReport\x12&\n\x08statuses\x18\x01 \x03(\x0b\x32\x14.berth.v1.TaskStatus\"\xa5\x01\n\x11\x43ontrollerMessage\x12*\n\nregistered\x18\x01 \x01(\x0b\x32\x14.berth.v1.RegisteredH\x00\x12,\n\x0b\x61ssignments\x18\x02 \x01(\x0b\x32\x15.berth.v1.AssignmentsH\x00\x12/\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32\x16.berth.v1.HeartbeatAckH\x00\x42\x05\n\x03msg\"P\n\nRegistered\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x15\n\rnode_deadline\x18\x03 \x01(\x01\"K\n\x0b\x41ssignments\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\x1d\n\x05tasks\x18\x02 \x03(\x0b\x32\x0e.berth.v1.Task\x12\x0f\n\x07removed\x18\x03 \x03(\t\"\x1f\n\x0cHeartbeatAck\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\x32N\n\x08\x41gentAPI\x12\x42\n\x07\x43onnect\x12\x16.berth.v1.AgentMessage\x1a\x1b.berth.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,11 +47,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTROLLERMESSAGE']._serialized_start=597
   _globals['_CONTROLLERMESSAGE']._serialized_end=762
   _globals['_REGISTERED']._serialized_start=764
-  _globals['_REGISTERED']._serialized_end=821
-  _globals['_ASSIGNMENTS']._serialized_start=823
-  _globals['_ASSIGNMENTS']._serialized_end=898
-  _globals['_HEARTBEATACK']._serialized_start=900
-  _globals['_HEARTBEATACK']._serialized_end=931
-  _globals['_AGENTAPI']._serialized_start=933
-  _globals['_AGENTAPI']._serialized_end=1011
+  _globals['_REGISTERED']._serialized_end=844
+  _globals['_ASSIGNMENTS']._serialized_start=846
+  _globals['_ASSIGNMENTS']._serialized_end=921
+  _globals['_HEARTBEATACK']._serialized_start=923
+  _globals['_HEARTBEATACK']._serialized_end=954
+  _globals['_AGENTAPI']._serialized_start=956
+  _globals['_AGENTAPI']._serialized_end=1034
 # @@protoc_insertion_point(module_scope)

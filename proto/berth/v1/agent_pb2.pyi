@@ -190,18 +190,24 @@ class Registered(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    NODE_DEADLINE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     heartbeat_interval: _builtins.float
     """seconds"""
+    node_deadline: _builtins.float
+    """seconds without a heartbeat after which the controller declares the node down; an agent
+    that has had no heartbeat acknowledged for this long stops its on_disconnect=stop containers
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         heartbeat_interval: _builtins.float = ...,
+        node_deadline: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "node_deadline", b"node_deadline", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,6 +75,21 @@ class ClusterAPIStub:
                 request_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.SetNodeAvailability = channel.unary_unary(
+                '/berth.v1.ClusterAPI/SetNodeAvailability',
+                request_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.SetNodeAvailabilityRequest.SerializeToString,
+                response_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.NodeView.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/berth.v1.ClusterAPI/RemoveNode',
+                request_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/berth.v1.ClusterAPI/WatchEvents',
+                request_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class ClusterAPIServicer:
@@ -130,6 +145,28 @@ class ClusterAPIServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetNodeAvailability(self, request, context):
+        """SetNodeAvailability: drain moves tasks off (replacement first), pause places nothing new,
+        active places again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """RemoveNode forgets a node that is down; its tasks are placed elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """WatchEvents streams what happens from now on (node down/up, task lost/placed/started/...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterAPIServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +209,21 @@ def add_ClusterAPIServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.ListNodesRequest.FromString,
                     response_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'SetNodeAvailability': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNodeAvailability,
+                    request_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.SetNodeAvailabilityRequest.FromString,
+                    response_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.NodeView.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.WatchEventsRequest.FromString,
+                    response_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +442,87 @@ class ClusterAPI:
             '/berth.v1.ClusterAPI/ListNodes',
             berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.ListNodesRequest.SerializeToString,
             berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNodeAvailability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.ClusterAPI/SetNodeAvailability',
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.SetNodeAvailabilityRequest.SerializeToString,
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.NodeView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.ClusterAPI/RemoveNode',
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeRequest.SerializeToString,
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.v1.ClusterAPI/WatchEvents',
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.WatchEventsRequest.SerializeToString,
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

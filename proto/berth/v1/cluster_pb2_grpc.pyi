@@ -42,6 +42,14 @@ class ClusterAPIStub:
     ListServices: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ListServicesRequest, _cluster_pb2.ListServicesResponse]
     ListTasks: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ListTasksRequest, _cluster_pb2.ListTasksResponse]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ListNodesRequest, _cluster_pb2.ListNodesResponse]
+    SetNodeAvailability: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.SetNodeAvailabilityRequest, _cluster_pb2.NodeView]
+    """SetNodeAvailability: drain moves tasks off (replacement first), pause places nothing new,
+    active places again.
+    """
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.RemoveNodeRequest, _cluster_pb2.RemoveNodeResponse]
+    """RemoveNode forgets a node that is down; its tasks are placed elsewhere."""
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_cluster_pb2.WatchEventsRequest, _cluster_pb2.Event]
+    """WatchEvents streams what happens from now on (node down/up, task lost/placed/started/...)."""
 
 @_typing.type_check_only
 class ClusterAPIAsyncStub(ClusterAPIStub):
@@ -56,6 +64,14 @@ class ClusterAPIAsyncStub(ClusterAPIStub):
     ListServices: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ListServicesRequest, _cluster_pb2.ListServicesResponse]  # type: ignore[assignment]
     ListTasks: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ListTasksRequest, _cluster_pb2.ListTasksResponse]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ListNodesRequest, _cluster_pb2.ListNodesResponse]  # type: ignore[assignment]
+    SetNodeAvailability: _aio.UnaryUnaryMultiCallable[_cluster_pb2.SetNodeAvailabilityRequest, _cluster_pb2.NodeView]  # type: ignore[assignment]
+    """SetNodeAvailability: drain moves tasks off (replacement first), pause places nothing new,
+    active places again.
+    """
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_cluster_pb2.RemoveNodeRequest, _cluster_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    """RemoveNode forgets a node that is down; its tasks are placed elsewhere."""
+    WatchEvents: _aio.UnaryStreamMultiCallable[_cluster_pb2.WatchEventsRequest, _cluster_pb2.Event]  # type: ignore[assignment]
+    """WatchEvents streams what happens from now on (node down/up, task lost/placed/started/...)."""
 
 class ClusterAPIServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -115,5 +131,31 @@ class ClusterAPIServicer(metaclass=_abc_1.ABCMeta):
         request: _cluster_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cluster_pb2.ListNodesResponse, _abc.Awaitable[_cluster_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetNodeAvailability(
+        self,
+        request: _cluster_pb2.SetNodeAvailabilityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.NodeView, _abc.Awaitable[_cluster_pb2.NodeView]]:
+        """SetNodeAvailability: drain moves tasks off (replacement first), pause places nothing new,
+        active places again.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _cluster_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.RemoveNodeResponse, _abc.Awaitable[_cluster_pb2.RemoveNodeResponse]]:
+        """RemoveNode forgets a node that is down; its tasks are placed elsewhere."""
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _cluster_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cluster_pb2.Event], _abc.AsyncIterator[_cluster_pb2.Event]]:
+        """WatchEvents streams what happens from now on (node down/up, task lost/placed/started/...)."""
 
 def add_ClusterAPIServicer_to_server(servicer: ClusterAPIServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -61,6 +61,34 @@ RESTART_POLICY_ON_FAILURE: RestartPolicy.ValueType  # 2
 RESTART_POLICY_NEVER: RestartPolicy.ValueType  # 3
 Global___RestartPolicy: _TypeAlias = RestartPolicy  # noqa: Y015
 
+class _OnDisconnect:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnDisconnectEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnDisconnect.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ON_DISCONNECT_UNSPECIFIED: _OnDisconnect.ValueType  # 0
+    """treated as KEEP"""
+    ON_DISCONNECT_KEEP: _OnDisconnect.ValueType  # 1
+    """keep running; replaced elsewhere after the node deadline;"""
+    ON_DISCONNECT_STOP: _OnDisconnect.ValueType  # 2
+    """the agent stops the replaced copies when it reconnects
+    at-most-one: the agent stops them after the node deadline and
+    """
+
+class OnDisconnect(_OnDisconnect, metaclass=_OnDisconnectEnumTypeWrapper):
+    """OnDisconnect: what an agent cut off from the controller does with a service's containers."""
+
+ON_DISCONNECT_UNSPECIFIED: OnDisconnect.ValueType  # 0
+"""treated as KEEP"""
+ON_DISCONNECT_KEEP: OnDisconnect.ValueType  # 1
+"""keep running; replaced elsewhere after the node deadline;"""
+ON_DISCONNECT_STOP: OnDisconnect.ValueType  # 2
+"""the agent stops the replaced copies when it reconnects
+at-most-one: the agent stops them after the node deadline and
+"""
+Global___OnDisconnect: _TypeAlias = OnDisconnect  # noqa: Y015
+
 class _TaskState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -298,6 +326,7 @@ class ServiceSpec(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     RESTART_FIELD_NUMBER: _builtins.int
     PIDS_LIMIT_FIELD_NUMBER: _builtins.int
+    ON_DISCONNECT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     replicas: _builtins.int
@@ -305,6 +334,7 @@ class ServiceSpec(_message.Message):
     restart: Global___RestartPolicy.ValueType
     pids_limit: _builtins.int
     """0 = default (512)"""
+    on_disconnect: Global___OnDisconnect.ValueType
     @_builtins.property
     def resources(self) -> Global___Resources: ...
     @_builtins.property
@@ -331,10 +361,11 @@ class ServiceSpec(_message.Message):
         network: Global___NetworkMode.ValueType = ...,
         restart: Global___RestartPolicy.ValueType = ...,
         pids_limit: _builtins.int = ...,
+        on_disconnect: Global___OnDisconnect.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "constraints", b"constraints", "env", b"env", "image", b"image", "name", b"name", "network", b"network", "pids_limit", b"pids_limit", "ports", b"ports", "replicas", b"replicas", "resources", b"resources", "restart", b"restart"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "constraints", b"constraints", "env", b"env", "image", b"image", "name", b"name", "network", b"network", "on_disconnect", b"on_disconnect", "pids_limit", b"pids_limit", "ports", b"ports", "replicas", b"replicas", "resources", b"resources", "restart", b"restart"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

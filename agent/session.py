@@ -2,7 +2,14 @@
 
 The stream is re-opened with capped exponential backoff whenever it breaks; containers keep
 running meanwhile. On every (re)connect the agent registers with its stable node id and sends the
-current status of everything it runs, so a restarted controller is up to date at once.
+current status of everything it runs, so a restarted controller is up to date at once, and the
+full assignment it gets back tells it which of its tasks were replaced while it was away.
+
+A watchdog measures the time since the *sending* of the last heartbeat the controller
+acknowledged. Past the node deadline it (1) abandons the stream, so a partitioned agent reconnects
+as soon as the network heals, and (2) stops the containers of at-most-one services
+(``on_disconnect: stop``): the controller, which declares the node down no earlier than that
+same deadline after it last heard from us, waits a safety margin more before starting copies.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from berth.proto.berth.v1 import agent_pb2, agent_pb2_grpc
 from berth.proto.berth.v1 import types_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+WATCHDOG_TICK = 0.2
+DEFAULT_DEADLINE = 4.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,7 +52,11 @@ class Session:
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.heartbeat_interval = 1.0
+        self.node_deadline = DEFAULT_DEADLINE
         self.last_rtt: float | None = None
+        self.acked_at = time.monotonic()  # send time of the last acknowledged heartbeat
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._stopped_for_disconnect = False
 
     def report(self, status: pb.TaskStatus) -> None:
         """Queue a status change for the controller (sent in order; dropped on disconnect and
@@ -50,29 +65,38 @@ class Session:
             self._outbox.put_nowait(agent_pb2.AgentMessage(status=agent_pb2.StatusReport(statuses=[status])))
 
     async def run_forever(self, recovered: list[pb.TaskStatus]) -> None:
+        watchdog = asyncio.create_task(self._watchdog())
         attempt = 0
-        while True:
-            try:
-                await self._run_once(recovered)
-                attempt = 0
-            except grpc.aio.AioRpcError as exc:
-                attempt += 1
-                code = exc.code()
-                if code == grpc.StatusCode.ALREADY_EXISTS or code == grpc.StatusCode.INVALID_ARGUMENT:
-                    log.error("controller refused registration: %s", exc.details())
-                else:
-                    log.warning("stream to controller broken (%s): %s", code.name, exc.details())
-            finally:
-                self.connected.clear()
-            recovered = []
-            await asyncio.sleep(min(2.0, 0.25 * (2 ** min(attempt, 3))))
+        try:
+            while True:
+                try:
+                    await self._run_once(recovered)
+                    attempt = 0
+                except grpc.aio.AioRpcError as exc:
+                    attempt += 1
+                    code = exc.code()
+                    if code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
+                        log.error("controller refused registration: %s", exc.details())
+                    elif code != grpc.StatusCode.CANCELLED:
+                        log.warning("stream to controller broken (%s): %s", code.name, exc.details())
+                except TimeoutError:
+                    attempt += 1
+                    log.debug("controller %s not reachable within %.0fs", self.controller, CONNECT_TIMEOUT)
+                finally:
+                    self.connected.clear()
+                    self._call = None
+                recovered = []
+                await asyncio.sleep(min(1.0, 0.1 * (2 ** min(attempt, 4))))
+        finally:
+            watchdog.cancel()
 
     async def _run_once(self, recovered: list[pb.TaskStatus]) -> None:
-        async with grpc.aio.insecure_channel(self.controller) as channel:
+        options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+        async with grpc.aio.insecure_channel(self.controller, options=options) as channel:
+            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
             stub = agent_pb2_grpc.AgentAPIStub(channel)
             self._outbox = asyncio.Queue()
             ident = self.identity
-            running = self.manager.statuses() or recovered
             register = agent_pb2.Register(
                 node_id=ident.node_id,
                 name=ident.name,
@@ -81,15 +105,19 @@ class Session:
                 labels=ident.labels,
                 metrics_address=ident.metrics_address,
                 agent_version=ident.version,
-                running=running,
+                running=self.manager.statuses() or recovered,
             )
             call = stub.Connect(self._requests(register))
+            self._call = call
             heartbeats: asyncio.Task[None] | None = None
             try:
                 async for message in call:
                     kind = message.WhichOneof("msg")
                     if kind == "registered":
                         self.heartbeat_interval = message.registered.heartbeat_interval or 1.0
+                        self.node_deadline = message.registered.node_deadline or DEFAULT_DEADLINE
+                        self.acked_at = time.monotonic()
+                        self._stopped_for_disconnect = False
                         self.connected.set()
                         log.info("registered with controller=%s node=%s", self.controller, ident.node_id)
                         heartbeats = asyncio.create_task(self._heartbeats())
@@ -102,7 +130,9 @@ class Session:
                         a = message.assignments
                         self.manager.apply(a.tasks, a.removed, full=a.full)
                     elif kind == "heartbeat_ack":
-                        self.last_rtt = time.monotonic() - message.heartbeat_ack.sent_at
+                        sent = message.heartbeat_ack.sent_at
+                        self.acked_at = max(self.acked_at, sent)
+                        self.last_rtt = time.monotonic() - sent
             finally:
                 if heartbeats is not None:
                     heartbeats.cancel()
@@ -121,3 +151,19 @@ class Session:
             self._outbox.put_nowait(
                 agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sent_at=time.monotonic()))
             )
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_TICK)
+            silent = time.monotonic() - self.acked_at
+            if silent <= self.node_deadline:
+                continue
+            if self._call is not None:
+                log.warning("no heartbeat acknowledged for %.1fs; reconnecting", silent)
+                self._call.cancel()
+                self._call = None
+            if not self._stopped_for_disconnect:
+                self._stopped_for_disconnect = True
+                stopped = await self.manager.stop_on_disconnect()
+                if stopped:
+                    log.warning("cut off from the controller: stopped %d at-most-one containers", stopped)

@@ -121,14 +121,14 @@ class TaskRunner:
     def start(self) -> None:
         self._main = asyncio.create_task(self._run(), name=f"task-{self.task.id}")
 
-    async def shutdown(self) -> None:
-        """Stop the container and remove everything it had; report SHUTDOWN."""
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Stop the container (SIGTERM, SIGKILL after ``grace``) and remove everything it had."""
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._main
         try:
-            await self.runtime.stop(self.task.id)
+            await self.runtime.stop(self.task.id, grace)
         except RuntimeFailure as exc:
             log.warning("stop failed task=%s: %s", self.task.id, exc)
         try:
@@ -305,6 +305,15 @@ class TaskManager:
             )
             self.runners[task_id] = runner
             runner.start()
+
+    async def stop_on_disconnect(self, grace: float = 1.0) -> int:
+        """Cut off from the controller: stop and remove the containers of at-most-one services
+        now (short grace: the controller starts their replacements after deadline + margin)."""
+        doomed = [r for r in self.runners.values() if r.task.spec.on_disconnect == pb.ON_DISCONNECT_STOP]
+        for runner in doomed:
+            self.runners.pop(runner.task.id, None)
+        await asyncio.gather(*(r.shutdown(grace) for r in doomed), return_exceptions=True)
+        return len(doomed)
 
     def _remove_orphan(self, task_id: str) -> None:
         self._found.pop(task_id, None)

@@ -11,7 +11,7 @@ import os
 import sys
 
 import typer
-from berth.cli import dev, node, service
+from berth.cli import dev, events, node, service
 from berth.cli.errors import CliError
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app = typer.Typer(
 app.add_typer(service.app, name="service")
 app.add_typer(node.app, name="node")
 app.add_typer(dev.app, name="dev")
+app.command("events")(events.events)
 
 PASSTHROUGH = {
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},

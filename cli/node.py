@@ -7,8 +7,11 @@ from berth.cli.client import Client
 from berth.cli.render import OutputFormat, emit
 from berth.cli.views import node_row
 from berth.proto.berth.v1 import cluster_pb2
+from berth.proto.berth.v1 import types_pb2 as pb
 
-app = typer.Typer(help="Inspect the nodes (hosts running an agent).", no_args_is_help=True)
+app = typer.Typer(help="Inspect and manage the nodes (hosts running an agent).", no_args_is_help=True)
+
+NODE = typer.Argument(..., help="Node name or id.")
 
 
 @app.command("ls")
@@ -34,3 +37,39 @@ def ls(
             ("labels", "LABELS"),
         ],
     )
+
+
+def _set(node: str, availability: pb.NodeAvailability.ValueType, verb: str) -> None:
+    client = Client()
+    view = client.call(
+        client.stub.SetNodeAvailability,
+        cluster_pb2.SetNodeAvailabilityRequest(node=node, availability=availability),
+    )
+    typer.echo(f"node/{view.node.name} {verb}")
+
+
+@app.command("drain")
+def drain(node: str = NODE) -> None:
+    """Move every task off the node: each replacement starts elsewhere before the old one stops."""
+    _set(node, pb.NODE_AVAILABILITY_DRAIN, "draining")
+
+
+@app.command("pause")
+def pause(node: str = NODE) -> None:
+    """Place nothing new on the node; what runs there keeps running."""
+    _set(node, pb.NODE_AVAILABILITY_PAUSE, "paused")
+
+
+@app.command("activate")
+def activate(node: str = NODE) -> None:
+    """Make a drained or paused node take tasks again."""
+    _set(node, pb.NODE_AVAILABILITY_ACTIVE, "active")
+
+
+@app.command("rm")
+def rm(nodes: list[str] = typer.Argument(..., help="Names or ids of nodes that are down.")) -> None:
+    """Forget nodes that are down (their tasks are placed elsewhere)."""
+    client = Client()
+    for node in nodes:
+        client.call(client.stub.RemoveNode, cluster_pb2.RemoveNodeRequest(node=node))
+        typer.echo(f"node/{node} removed")

@@ -11,6 +11,7 @@ from berth.cli.client import Client
 from berth.cli.errors import CliError, InputError
 from berth.cli.render import OutputFormat, emit
 from berth.cli.spec import (
+    ON_DISCONNECT,
     load_file,
     parse_constraint,
     parse_env,
@@ -80,6 +81,12 @@ def create(
         "bridge", "--network", help="bridge (own namespace) or host (the host's stack)."
     ),
     restart: str = typer.Option("always", "--restart", help="always, on-failure or never."),
+    on_disconnect: str = typer.Option(
+        "keep",
+        "--on-disconnect",
+        help="keep (run on; replaced elsewhere when the node is declared down) or stop "
+        "(at-most-one: the cut-off agent stops it before any replacement starts).",
+    ),
     wait: bool = WAIT,
     timeout: float = TIMEOUT,
 ) -> None:
@@ -106,6 +113,9 @@ def create(
     if restart not in restarts:
         raise InputError(f"--restart: {restart!r} is not always, on-failure or never")
     spec.restart = restarts[restart]
+    if on_disconnect not in ON_DISCONNECT:
+        raise InputError(f"--on-disconnect: {on_disconnect!r} is not keep or stop")
+    spec.on_disconnect = ON_DISCONNECT[on_disconnect]
     client = Client()
     service = client.call(client.stub.CreateService, cluster_pb2.CreateServiceRequest(spec=spec))
     typer.echo(service.spec.name)

@@ -28,7 +28,9 @@ FIELDS = (
     "network",
     "restart",
     "pids_limit",
+    "on_disconnect",
 )
+ON_DISCONNECT = {"keep": pb.ON_DISCONNECT_KEEP, "stop": pb.ON_DISCONNECT_STOP}
 RESOURCE_FIELDS = ("cpu", "memory")
 PORT_FIELDS = ("container", "host", "protocol")
 NETWORKS = {"bridge": pb.NETWORK_MODE_BRIDGE, "host": pb.NETWORK_MODE_HOST}
@@ -165,6 +167,8 @@ def from_mapping(data: Any, source: str = "spec") -> pb.ServiceSpec:
         spec.network = _choice("network", data["network"], NETWORKS)  # type: ignore[assignment]
     if "restart" in data:
         spec.restart = _choice("restart", data["restart"], RESTARTS)  # type: ignore[assignment]
+    if "on_disconnect" in data:
+        spec.on_disconnect = _choice("on_disconnect", data["on_disconnect"], ON_DISCONNECT)  # type: ignore[assignment]
     if "pids_limit" in data:
         spec.pids_limit = parse_replicas(data["pids_limit"], "pids_limit")
     return spec

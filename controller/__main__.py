@@ -30,7 +30,15 @@ async def serve(etcd: str, listen: list[str], prefix: str) -> None:
             await asyncio.sleep(1.0)
     cluster = Cluster(store)
     await cluster.start()
-    server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1)])
+    # keepalive pings reap streams of agents that vanished without a FIN (power loss, partition)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.keepalive_time_ms", 5000),
+            ("grpc.keepalive_timeout_ms", 5000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ]
+    )
     cluster_pb2_grpc.add_ClusterAPIServicer_to_server(ClusterService(cluster), server)
     agent_pb2_grpc.add_AgentAPIServicer_to_server(AgentService(cluster), server)
     for address in listen:

@@ -13,7 +13,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
-from berth.controller.cluster import HEARTBEAT_INTERVAL, Cluster
+from berth.controller.cluster import Cluster
 from berth.controller.errors import (
     AlreadyExistsError,
     ClusterError,
@@ -22,6 +22,7 @@ from berth.controller.errors import (
     NotFoundError,
     UnavailableError,
 )
+from berth.controller.nodes import HEARTBEAT_INTERVAL
 from berth.proto.berth.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,23 @@ class ClusterService(cluster_pb2_grpc.ClusterAPIServicer):
     async def ListNodes(self, request: cluster_pb2.ListNodesRequest, context: Any) -> Any:
         return cluster_pb2.ListNodesResponse(nodes=self.cluster.node_views())
 
+    @_translating
+    async def SetNodeAvailability(self, request: cluster_pb2.SetNodeAvailabilityRequest, context: Any) -> Any:
+        return await self.cluster.set_availability(request.node, request.availability)
+
+    @_translating
+    async def RemoveNode(self, request: cluster_pb2.RemoveNodeRequest, context: Any) -> Any:
+        await self.cluster.remove_node(request.node)
+        return cluster_pb2.RemoveNodeResponse()
+
+    async def WatchEvents(self, request: cluster_pb2.WatchEventsRequest, context: Any) -> Any:
+        queue = self.cluster.events.subscribe()
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.cluster.events.unsubscribe(queue)
+
 
 class AgentService(agent_pb2_grpc.AgentAPIServicer):
     """One Connect stream per agent: Register first, then heartbeats and status reports in,
@@ -114,7 +132,9 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
         await context.write(
             agent_pb2.ControllerMessage(
                 registered=agent_pb2.Registered(
-                    node_id=session.node_id, heartbeat_interval=HEARTBEAT_INTERVAL
+                    node_id=session.node_id,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    node_deadline=self.cluster.liveness.deadline,
                 )
             )
         )
@@ -139,6 +159,7 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             message = await context.read()
             if message is grpc.aio.EOF:
                 return
+            self.cluster.heard(session)
             kind = message.WhichOneof("msg")
             if kind == "heartbeat":
                 session.outbox.put_nowait(

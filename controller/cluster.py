@@ -1,9 +1,10 @@
-"""The controller's core: the one writer of desired state, and the reconcile loop.
+"""The controller's core: the one writer of desired state, the reconcile loop and node liveness.
 
 Every change (API calls, agent registrations and reports, the loop's reconcile and placement
-decisions) goes through ``Cluster._commit`` under one lock: ops are guarded by the revisions in the
-cache, committed to etcd in batches, folded into the cache only after etcd accepted them (so a
-failed call changes nothing), and then the affected agents are told what changed.
+decisions, nodes declared down) goes through ``Cluster._commit`` under one lock: ops are guarded
+by the revisions in the cache, committed to etcd in batches, folded into the cache only after
+etcd accepted them (so a failed call changes nothing), and then the affected agents are told
+what changed.
 """
 
 from __future__ import annotations
@@ -20,44 +21,72 @@ from berth.controller import placement
 from berth.controller.agents import AgentHub, Session
 from berth.controller.errors import (
     AlreadyExistsError,
+    FailedPreconditionError,
     InvalidError,
     NotFoundError,
     UnavailableError,
 )
-from berth.controller.reconciler import reconcile
+from berth.controller.events import EventBus
+from berth.controller.nodes import AT_MOST_ONE_MARGIN, Liveness
+from berth.controller.reconciler import Replacement, plan_replacements, reconcile
 from berth.controller.scheduler import schedule
 from berth.controller.state import ClusterState, running_count
-from berth.controller.store import ConflictError, Delete, Op, Put, Store, StoreError
+from berth.controller.store import ConflictError, Op, Put, Store, StoreError
 from berth.controller.validation import SpecError, validate_spec
 from berth.proto.berth.v1 import agent_pb2, cluster_pb2
 from berth.proto.berth.v1 import types_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 1.0
 RESYNC_INTERVAL = 5.0  # the loop also runs this often without a trigger (pending tasks, new nodes)
+LIVENESS_TICK = 0.25
+
+_STATE_EVENTS = {
+    pb.TASK_STATE_RUNNING: "task-started",
+    pb.TASK_STATE_FAILED: "task-failed",
+    pb.TASK_STATE_REJECTED: "task-rejected",
+    pb.TASK_STATE_COMPLETE: "task-complete",
+    pb.TASK_STATE_SHUTDOWN: "task-stopped",
+}
 
 
 def _new_task_id(service: str, slot: int) -> str:
     return f"{service}.{slot}.{secrets.token_hex(4)}"
 
 
+def _copy_node(node: pb.Node) -> pb.Node:
+    out = pb.Node()
+    out.CopyFrom(node)
+    return out
+
+
 class Cluster:
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        liveness: Liveness | None = None,
+        margin: float = AT_MOST_ONE_MARGIN,
+    ) -> None:
         self.store = store
         self.keys = store.keys
         self.clock = clock
+        self.liveness = liveness or Liveness()
+        self.margin = margin
         self.hub = AgentHub()
+        self.events = EventBus(clock)
         self.state = ClusterState(keys=self.keys)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         loaded = await self.store.load()
         self.state = ClusterState.from_loaded(self.keys, loaded)
+        self.liveness.fresh(self.state.nodes)  # judge no node before it had a chance to reconnect
         log.info(
             "state loaded revision=%d services=%d tasks=%d nodes=%d",
             loaded.revision,
@@ -65,13 +94,17 @@ class Cluster:
             len(self.state.tasks),
             len(self.state.nodes),
         )
-        self._loop_task = asyncio.create_task(self._run_loop(), name="reconcile-loop")
+        self._tasks = [
+            asyncio.create_task(self._run_loop(), name="reconcile-loop"),
+            asyncio.create_task(self._watch_liveness(), name="liveness"),
+        ]
 
     async def stop(self) -> None:
-        if self._loop_task:
-            self._loop_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+                await task
 
     def trigger(self) -> None:
         self._wake.set()
@@ -82,27 +115,25 @@ class Cluster:
         """Commit ops, fold them into the cache, notify agents. Caller holds the lock."""
         if not ops:
             return
-        added: dict[str, list[pb.Task]] = defaultdict(list)
-        removed: dict[str, list[str]] = defaultdict(list)
+        added: dict[str, dict[str, pb.Task]] = defaultdict(dict)
+        removed: dict[str, set[str]] = defaultdict(set)
         for op in ops:
-            if not op.key.startswith(self.keys.tasks):
+            if not op.key.startswith((self.keys.tasks, self.keys.retiring)):
                 continue
-            old_stored = self.state.tasks.get(op.key)
-            old = old_stored.value if old_stored else None
-            new = op.value if isinstance(op, Put) else None
-            assert new is None or isinstance(new, pb.Task)
+            old = self.state.value_of(op.key)
+            new = op.value if isinstance(op, Put) and isinstance(op.value, pb.Task) else None
             if (
                 old is not None
                 and old.node_id
                 and (new is None or new.id != old.id or new.node_id != old.node_id)
             ):
-                removed[old.node_id].append(old.id)
+                removed[old.node_id].add(old.id)
             if (
                 new is not None
                 and new.node_id
                 and (old is None or old.id != new.id or old.node_id != new.node_id)
             ):
-                added[new.node_id].append(new)
+                added[new.node_id][new.id] = new
         try:
             revisions = await self.store.commit(ops)
         except ConflictError:
@@ -113,12 +144,12 @@ class Cluster:
             raise UnavailableError(str(exc)) from exc
         self.state.apply(ops, revisions)
         for node_id in set(added) | set(removed):
-            msg = agent_pb2.ControllerMessage(
-                assignments=agent_pb2.Assignments(
-                    full=False, tasks=added.get(node_id, []), removed=removed.get(node_id, [])
-                )
+            # a task moving between keys on one node (slot -> retiring) is neither added nor removed
+            gone = removed.get(node_id, set()) - set(added.get(node_id, {}))
+            assignments = agent_pb2.Assignments(
+                full=False, tasks=list(added.get(node_id, {}).values()), removed=sorted(gone)
             )
-            self.hub.send(node_id, msg)
+            self.hub.send(node_id, agent_pb2.ControllerMessage(assignments=assignments))
 
     async def _reload(self) -> None:
         try:
@@ -127,6 +158,12 @@ class Cluster:
             log.error("reload failed: %s", exc)
             return
         self.state = ClusterState.from_loaded(self.keys, loaded)
+
+    def _delete_task_ops(self, key: str, task: pb.Task) -> list[Op]:
+        ops: list[Op] = [self.state.delete(key)]
+        if task.id in self.state.statuses:
+            ops.append(self.state.delete(self.keys.status(task.id)))
+        return ops
 
     # -- services ----------------------------------------------------------------------
 
@@ -146,6 +183,7 @@ class Cluster:
                     "or choose another name"
                 )
             service = await self._put_service(spec, previous=None)
+        self.events.publish("service-created", f"{spec.replicas} replicas of {spec.image}", service=spec.name)
         self.trigger()
         return service
 
@@ -157,6 +195,10 @@ class Cluster:
             if stored is not None and stored.value.spec == spec:
                 return stored.value, False, False
             service = await self._put_service(spec, previous=stored.value if stored else None)
+        kind = "service-created" if stored is None else "service-updated"
+        self.events.publish(
+            kind, f"generation {service.generation}, {spec.replicas} replicas", service=spec.name
+        )
         self.trigger()
         return service, stored is None, True
 
@@ -172,6 +214,9 @@ class Cluster:
             if spec == stored.value.spec:
                 return stored.value
             service = await self._put_service(spec, previous=stored.value, bump_generation=False)
+        self.events.publish(
+            "service-scaled", f"{stored.value.spec.replicas} -> {replicas} replicas", service=name
+        )
         self.trigger()
         return service
 
@@ -185,27 +230,21 @@ class Cluster:
             # scaling changes the count, not what each task runs: keep the generation so
             # existing tasks stay; any other change replaces the tasks
             service.generation = previous.generation + (1 if bump_generation else 0)
-        key = self.keys.service(spec.name)
-        await self._commit([Put(key, service, self.state.revision_of(key))])
-        log.info(
-            "service stored service=%s generation=%d replicas=%d",
-            spec.name,
-            service.generation,
-            spec.replicas,
-        )
+        await self._commit([self.state.put(self.keys.service(spec.name), service)])
         return service
 
     async def remove_service(self, name: str) -> None:
         async with self._lock:
             if name not in self.state.services:
                 raise NotFoundError(f"service {name!r} not found; `berth service ls` lists services")
-            ops: list[Op] = [self.state.guarded(Delete, self.keys.service(name))]
+            ops: list[Op] = [self.state.delete(self.keys.service(name))]
             for key, task in self.state.tasks_of(name):
-                ops.append(self.state.guarded(Delete, key))
-                if task.id in self.state.statuses:
-                    ops.append(self.state.guarded(Delete, self.keys.status(task.id)))
+                ops += self._delete_task_ops(key, task)
+            for task_id, stored in list(self.state.retiring.items()):
+                if stored.value.service == name:
+                    ops += self._delete_task_ops(self.keys.retiring_task(task_id), stored.value)
             await self._commit(ops)
-        log.info("service removed service=%s", name)
+        self.events.publish("service-removed", service=name)
 
     # -- views -------------------------------------------------------------------------
 
@@ -223,37 +262,92 @@ class Cluster:
     def service_views(self) -> list[cluster_pb2.ServiceView]:
         return [self.service_view(name) for name in sorted(self.state.services)]
 
+    def _task_view(self, task: pb.Task) -> cluster_pb2.TaskView:
+        view = cluster_pb2.TaskView(task=task)
+        status = self.state.status_of(task.id)
+        if status is not None:
+            view.status.CopyFrom(status)
+        node = self.state.nodes.get(task.node_id)
+        if node is not None:
+            view.node_name = node.value.name
+            view.node_address = node.value.address
+        return view
+
     def task_views(self, service: str = "") -> list[cluster_pb2.TaskView]:
         if service and service not in self.state.services:
             raise NotFoundError(f"service {service!r} not found; `berth service ls` lists services")
         names = [service] if service else sorted(self.state.services)
         views = []
         for name in names:
-            for _, task in self.state.tasks_of(name):
-                view = cluster_pb2.TaskView(task=task)
-                status = self.state.status_of(task.id)
-                if status is not None:
-                    view.status.CopyFrom(status)
-                node = self.state.nodes.get(task.node_id)
-                if node is not None:
-                    view.node_name = node.value.name
-                    view.node_address = node.value.address
-                views.append(view)
+            views += [self._task_view(task) for _, task in self.state.tasks_of(name)]
+            retiring = sorted(
+                (s.value for s in self.state.retiring.values() if s.value.service == name),
+                key=lambda t: t.slot,
+            )
+            views += [self._task_view(task) for task in retiring]
         return views
 
     def node_views(self) -> list[cluster_pb2.NodeView]:
         by_node = self.state.tasks_by_node()
-        views = []
-        for stored in sorted(self.state.nodes.values(), key=lambda s: s.value.name):
-            tasks = by_node.get(stored.value.id, [])
-            views.append(
-                cluster_pb2.NodeView(
-                    node=stored.value,
-                    allocated=placement.to_pb_resources(placement.allocated_by(tasks)),
-                    tasks=len(tasks),
+        return [
+            self._node_view(s.value, by_node.get(s.value.id, []))
+            for s in sorted(self.state.nodes.values(), key=lambda s: s.value.name)
+        ]
+
+    @staticmethod
+    def _node_view(node: pb.Node, tasks: Sequence[pb.Task]) -> cluster_pb2.NodeView:
+        return cluster_pb2.NodeView(
+            node=node, allocated=placement.to_pb_resources(placement.allocated_by(tasks)), tasks=len(tasks)
+        )
+
+    # -- nodes -------------------------------------------------------------------------
+
+    def _node(self, ref: str) -> pb.Node:
+        node = self.state.node_by_ref(ref)
+        if node is None:
+            raise NotFoundError(f"node {ref!r} not found; `berth node ls` lists nodes")
+        return node
+
+    async def set_availability(
+        self, ref: str, availability: pb.NodeAvailability.ValueType
+    ) -> cluster_pb2.NodeView:
+        if availability not in (
+            pb.NODE_AVAILABILITY_ACTIVE,
+            pb.NODE_AVAILABILITY_PAUSE,
+            pb.NODE_AVAILABILITY_DRAIN,
+        ):
+            raise InvalidError("availability: must be active, pause or drain")
+        async with self._lock:
+            node = _copy_node(self._node(ref))
+            if node.availability != availability:
+                node.availability = availability
+                await self._commit([self.state.put(self.keys.node(node.id), node)])
+                kind = {
+                    pb.NODE_AVAILABILITY_ACTIVE: "node-active",
+                    pb.NODE_AVAILABILITY_PAUSE: "node-pause",
+                }.get(availability, "node-drain")
+                self.events.publish(kind, node_id=node.id, node=node.name)
+            view = self._node_view(node, self.state.tasks_by_node().get(node.id, []))
+        self.trigger()
+        return view
+
+    async def remove_node(self, ref: str) -> None:
+        async with self._lock:
+            node = self._node(ref)
+            if node.state != pb.NODE_STATE_DOWN:
+                state = pb.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower()
+                raise FailedPreconditionError(
+                    f"node {node.name!r} is {state}; only a down node can be removed "
+                    "(drain it and stop its agent first)"
                 )
-            )
-        return views
+            ops: list[Op] = [self.state.delete(self.keys.node(node.id))]
+            for task_id, stored in list(self.state.retiring.items()):
+                if stored.value.node_id == node.id:
+                    ops += self._delete_task_ops(self.keys.retiring_task(task_id), stored.value)
+            await self._commit(ops)
+            self.liveness.forget(node.id)
+        self.events.publish("node-removed", node_id=node.id, node=node.name)
+        self.trigger()
 
     # -- agents ------------------------------------------------------------------------
 
@@ -272,7 +366,7 @@ class Cluster:
                     )
                 # the host was re-created with a fresh state dir: the old record goes, its tasks
                 # go back to pending through the reconciler
-                ops.append(self.state.guarded(Delete, self.keys.node(same_name.id)))
+                ops.append(self.state.delete(self.keys.node(same_name.id)))
             previous = self.state.nodes.get(reg.node_id)
             node = pb.Node(
                 id=reg.node_id,
@@ -287,48 +381,37 @@ class Cluster:
                 metrics_address=reg.metrics_address,
                 agent_version=reg.agent_version,
             )
+            was_down = previous is not None and previous.value.state == pb.NODE_STATE_DOWN
             if previous is not None:
                 node.availability = previous.value.availability or pb.NODE_AVAILABILITY_ACTIVE
                 node.registered_at = previous.value.registered_at
-                if previous.value.state == pb.NODE_STATE_READY:
+                if not was_down:
                     node.state_changed_at = previous.value.state_changed_at
             if previous is None or previous.value != node:
-                ops.append(
-                    Put(
-                        self.keys.node(reg.node_id), node, self.state.revision_of(self.keys.node(reg.node_id))
-                    )
-                )
+                ops.append(self.state.put(self.keys.node(reg.node_id), node))
             await self._commit(ops)
+            self.liveness.seen(reg.node_id)
             session = self.hub.attach(reg.node_id)
             assigned = self.state.tasks_by_node().get(reg.node_id, [])
-        log.info(
-            "node registered node=%s name=%s address=%s tasks=%d",
-            reg.node_id,
-            reg.name,
-            reg.address,
-            len(assigned),
-        )
+        if previous is None:
+            self.events.publish("node-joined", f"address {reg.address}", node_id=node.id, node=node.name)
+        elif was_down:
+            self.events.publish(
+                "node-up", f"{len(assigned)} tasks still assigned", node_id=node.id, node=node.name
+            )
         self.trigger()
         return session, assigned
 
+    def heard(self, session: Session) -> None:
+        """Any message on a node's current stream renews its deadline."""
+        if self.hub.is_current(session):
+            self.liveness.seen(session.node_id)
+
     async def disconnect(self, session: Session) -> None:
-        """The stream closed: mark the node down unless a newer stream replaced it."""
-        async with self._lock:
-            if not self.hub.detach(session):
-                return
-            stored = self.state.nodes.get(session.node_id)
-            if stored is None or stored.value.state == pb.NODE_STATE_DOWN:
-                return
-            node = pb.Node()
-            node.CopyFrom(stored.value)
-            node.state = pb.NODE_STATE_DOWN
-            node.state_changed_at = self.clock()
-            try:
-                await self._commit([Put(self.keys.node(node.id), node, stored.mod_revision)])
-            except UnavailableError as exc:
-                log.warning("could not mark node down node=%s: %s", node.id, exc)
-                return
-        log.info("node disconnected node=%s name=%s", node.id, node.name)
+        """The stream closed. The node is judged by its deadline, not by the stream: an agent
+        restart reconnects well inside it and reschedules nothing."""
+        if self.hub.detach(session):
+            log.info("agent stream closed node=%s", session.node_id)
 
     async def record_statuses(self, session: Session, statuses: Sequence[pb.TaskStatus]) -> None:
         """Store what the agent observed, for tasks that still exist; written on change only."""
@@ -337,20 +420,74 @@ class Cluster:
                 return
             ops: list[Op] = []
             for status in statuses:
-                found = self.state.task_by_id(status.task_id)
-                if found is None:
-                    continue
                 current = self.state.status_of(status.task_id)
                 if current == status:
                     continue
-                ops.append(
-                    Put(
-                        self.keys.status(status.task_id),
-                        status,
-                        self.state.revision_of(self.keys.status(status.task_id)),
+                task = self.state.task_by_id(status.task_id)
+                if (current is None or current.state != status.state) and status.state in _STATE_EVENTS:
+                    node = self.state.nodes.get(session.node_id)
+                    self.events.publish(
+                        _STATE_EVENTS[status.state],
+                        status.error or status.message,
+                        node_id=session.node_id,
+                        node=node.value.name if node else "",
+                        service=task.service if task else status.task_id.split(".")[0],
+                        task=status.task_id,
                     )
-                )
+                if task is None:
+                    continue
+                ops.append(self.state.put(self.keys.status(status.task_id), status))
             await self._commit(ops)
+        if any(s.state == pb.TASK_STATE_RUNNING for s in statuses) and self.state.retiring:
+            self.trigger()  # a replacement may now run: its retiring predecessor can go
+
+    # -- liveness ----------------------------------------------------------------------
+
+    async def _watch_liveness(self) -> None:
+        while True:
+            await asyncio.sleep(LIVENESS_TICK)
+            try:
+                await self.check_liveness()
+            except UnavailableError as exc:
+                log.warning("liveness check deferred: %s", exc)
+            except Exception:
+                log.exception("liveness check failed")
+
+    async def check_liveness(self) -> None:
+        ready = [nid for nid, s in self.state.nodes.items() if s.value.state == pb.NODE_STATE_READY]
+        expired = self.liveness.expired(ready)
+        if not expired:
+            return
+        async with self._lock:
+            now = self.clock()
+            ops: list[Op] = []
+            down: list[pb.Node] = []
+            for node_id in expired:
+                stored = self.state.nodes.get(node_id)
+                if stored is None or stored.value.state != pb.NODE_STATE_READY:
+                    continue
+                node = _copy_node(stored.value)
+                node.state = pb.NODE_STATE_DOWN
+                node.state_changed_at = now
+                ops.append(self.state.put(self.keys.node(node_id), node))
+                down.append(node)
+            await self._commit(ops)
+        by_node = self.state.tasks_by_node()
+        for node in down:
+            silent = self.liveness.silent_for(node.id)
+            self.events.publish(
+                "node-down", f"no heartbeat for {silent:.1f}s", node_id=node.id, node=node.name
+            )
+            for task in by_node.get(node.id, []):
+                self.events.publish(
+                    "task-lost",
+                    f"node {node.name} down",
+                    node_id=node.id,
+                    node=node.name,
+                    service=task.service,
+                    task=task.id,
+                )
+        self.trigger()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -383,20 +520,38 @@ class Cluster:
             ops: list[Op] = []
             for key, task in result.put:
                 old = self.state.tasks.get(key)
-                ops.append(Put(key, task, old.mod_revision if old else 0))
+                ops.append(self.state.put(key, task))
                 if old is not None and old.value.id != task.id and old.value.id in self.state.statuses:
-                    ops.append(self.state.guarded(Delete, self.keys.status(old.value.id)))
+                    ops.append(self.state.delete(self.keys.status(old.value.id)))
             for key in result.delete:
-                old = self.state.tasks[key]
-                ops.append(Delete(key, old.mod_revision))
-                if old.value.id in self.state.statuses:
-                    ops.append(self.state.guarded(Delete, self.keys.status(old.value.id)))
+                ops += self._delete_task_ops(key, self.state.tasks[key].value)
             await self._commit(ops)
             if result.put or result.delete:
                 log.info("reconciled created_or_replaced=%d removed=%d", len(result.put), len(result.delete))
-            await self._schedule_pending(now)
+            await self._retire_replaced()
+            await self._schedule(now)
 
-    async def _schedule_pending(self, now: float) -> None:
+    async def _retire_replaced(self) -> None:
+        """Drop retiring tasks whose replacement runs (or whose slot or node is gone)."""
+        ops: list[Op] = []
+        for task_id, stored in list(self.state.retiring.items()):
+            old = stored.value
+            current = self.state.value_of(self.keys.task(old.service, old.slot))
+            node = self.state.nodes.get(old.node_id)
+            done = current is None or (current.id != old.id and self.state.is_running(current))
+            if done or node is None or node.value.state == pb.NODE_STATE_DOWN:
+                ops += self._delete_task_ops(self.keys.retiring_task(task_id), old)
+                self.events.publish(
+                    "task-retired",
+                    "its replacement runs",
+                    node=node.value.name if node else "",
+                    service=old.service,
+                    task=old.id,
+                )
+        await self._commit(ops)
+
+    async def _schedule(self, now: float) -> None:
+        """Place pending tasks and replacements for tasks on down or draining nodes, in one plan."""
         pending = {
             s.value.id: (key, s.value)
             for key, s in sorted(
@@ -404,17 +559,82 @@ class Cluster:
             )
             if not s.value.node_id and s.value.desired_state == pb.TASK_STATE_RUNNING
         }
-        if not pending:
+        replacements: dict[str, tuple[Replacement, pb.Task]] = {}
+        for r in plan_replacements(
+            tasks={k: s.value for k, s in self.state.tasks.items()},
+            nodes={nid: s.value for nid, s in self.state.nodes.items()},
+            services={n: s.value for n, s in self.state.services.items()},
+            silent_for=self.liveness.silent_for,
+            deadline=self.liveness.deadline,
+            margin=self.margin,
+        ):
+            fresh = placement.replacement_for(r.old, _new_task_id(r.old.service, r.old.slot), now)
+            replacements[fresh.id] = (r, fresh)
+        if not pending and not replacements:
             return
         by_node = self.state.tasks_by_node()
         nodes = [
             placement.node_info(s.value, by_node.get(nid, [])) for nid, s in sorted(self.state.nodes.items())
         ]
-        plan = schedule(nodes, [placement.task_request(t) for _, t in pending.values()])
-        updates = placement.apply_plan(plan, pending, now)
-        ops: list[Op] = [Put(key, task, self.state.revision_of(key)) for key, task in updates]
-        await self._commit(ops)
+        requests = [placement.task_request(t) for _, t in pending.values()]
+        requests += [placement.task_request(fresh) for _, fresh in replacements.values()]
+        plan = schedule(nodes, requests)
+        ops: list[Op] = []
+        moved: list[tuple[Replacement, pb.Task]] = []
         for p in plan.placements:
-            log.debug("task placed task=%s node=%s", p.task_id, p.node_id)
+            if p.task_id in pending:
+                key, task = pending[p.task_id]
+                ops.append(self.state.put(key, placement.placed(task, p, now)))
+            else:
+                r, fresh = replacements[p.task_id]
+                ops.append(self.state.put(r.key, placement.placed(fresh, p, now)))
+                if r.retire:
+                    ops.append(self.state.put(self.keys.retiring_task(r.old.id), r.old))
+                elif r.old.id in self.state.statuses:
+                    ops.append(self.state.delete(self.keys.status(r.old.id)))
+                moved.append((r, fresh))
         for w in plan.pending:
-            log.debug("task pending task=%s reason=%s", w.task_id, w.reason)
+            if w.task_id in pending:
+                key, task = pending[w.task_id]
+                if task.pending_reason != w.reason:
+                    ops.append(self.state.put(key, placement.with_reason(task, w.reason)))
+            else:
+                r, _ = replacements[w.task_id]
+                ops += self._mark_unreplaced(r, w.reason)
+        await self._commit(ops)
+        names = {nid: s.value.name for nid, s in self.state.nodes.items()}
+        for p in plan.placements:
+            placed_task = self.state.task_by_id(p.task_id)
+            self.events.publish(
+                "task-placed",
+                node_id=p.node_id,
+                node=names.get(p.node_id, ""),
+                service=placed_task.service if placed_task else "",
+                task=p.task_id,
+            )
+        for r, fresh in moved:
+            self.events.publish(
+                "task-replaced",
+                f"{r.reason}: replaced by {fresh.id}",
+                node=names.get(r.old.node_id, ""),
+                service=r.old.service,
+                task=r.old.id,
+            )
+
+    def _mark_unreplaced(self, r: Replacement, reason: str) -> list[Op]:
+        """A task on a down node that no other node can take: show it as lost, keep it in place
+        (if its node comes back it is reclaimed)."""
+        if r.retire:
+            return []
+        status = self.state.status_of(r.old.id)
+        message = f"{r.reason}; no replacement yet: {reason}"
+        if status is not None and status.state == pb.TASK_STATE_LOST and status.message == message:
+            return []
+        lost = pb.TaskStatus(
+            task_id=r.old.id,
+            node_id=r.old.node_id,
+            state=pb.TASK_STATE_LOST,
+            message=message,
+            updated_at=self.clock(),
+        )
+        return [self.state.put(self.keys.status(r.old.id), lost)]

@@ -7,13 +7,13 @@ and turns a ``Plan`` back into task updates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 from berth.controller.scheduler import (
     Availability,
     Constraint,
     NodeInfo,
-    Plan,
+    Placement,
     PortRequest,
     Resources,
     TaskRequest,
@@ -89,27 +89,34 @@ def task_request(task: pb.Task) -> TaskRequest:
     )
 
 
-def apply_plan(
-    plan: Plan, pending: Mapping[str, tuple[str, pb.Task]], now: float
-) -> list[tuple[str, pb.Task]]:
-    """Return (key, task) updates for the plan; tasks whose reason did not change are left out."""
-    updates: list[tuple[str, pb.Task]] = []
-    for placement in plan.placements:
-        key, task = pending[placement.task_id]
-        placed = pb.Task()
-        placed.CopyFrom(task)
-        placed.node_id = placement.node_id
-        placed.pending_reason = ""
-        placed.assigned_at = now
-        del placed.ports[:]
-        for container_port, host_port, protocol in placement.ports:
-            placed.ports.add(container_port=container_port, host_port=host_port, protocol=protocol)
-        updates.append((key, placed))
-    for waiting in plan.pending:
-        key, task = pending[waiting.task_id]
-        if task.pending_reason != waiting.reason:
-            updated = pb.Task()
-            updated.CopyFrom(task)
-            updated.pending_reason = waiting.reason
-            updates.append((key, updated))
-    return updates
+def placed(task: pb.Task, placement: Placement, now: float) -> pb.Task:
+    """The task bound to the plan's node, with the host ports the scheduler allocated."""
+    out = pb.Task()
+    out.CopyFrom(task)
+    out.node_id = placement.node_id
+    out.pending_reason = ""
+    out.assigned_at = now
+    del out.ports[:]
+    for container_port, host_port, protocol in placement.ports:
+        out.ports.add(container_port=container_port, host_port=host_port, protocol=protocol)
+    return out
+
+
+def with_reason(task: pb.Task, reason: str) -> pb.Task:
+    out = pb.Task()
+    out.CopyFrom(task)
+    out.pending_reason = reason
+    return out
+
+
+def replacement_for(old: pb.Task, task_id: str, now: float) -> pb.Task:
+    """A fresh, unplaced copy of a task (same slot, same spec) under a new id."""
+    out = pb.Task()
+    out.CopyFrom(old)
+    out.id = task_id
+    out.node_id = ""
+    del out.ports[:]
+    out.created_at = now
+    out.assigned_at = 0
+    out.pending_reason = ""
+    return out

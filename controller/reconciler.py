@@ -75,3 +75,44 @@ def reconcile(
         if key not in wanted:
             delete.append(key)
     return ReconcileResult(put=tuple(put), delete=tuple(sorted(delete)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Replacement:
+    """A slot whose task must move: ``retire`` keeps the old task running until the new one runs
+    (drain); otherwise the old task is dropped once the new one is placed (node down)."""
+
+    key: str
+    old: pb.Task
+    retire: bool
+    reason: str
+
+
+def plan_replacements(
+    *,
+    tasks: Mapping[str, pb.Task],
+    nodes: Mapping[str, pb.Node],
+    services: Mapping[str, pb.Service],
+    silent_for: Callable[[str], float],
+    deadline: float,
+    margin: float,
+) -> list[Replacement]:
+    """Which placed tasks need a replacement now.
+
+    - on a DOWN node: yes, except at-most-one services (``on_disconnect: stop``) until the node
+      has been silent for deadline + margin, so their agent has stopped them first;
+    - on a DRAINING node that is up: yes, replacement first (the old task retires).
+    """
+    out: list[Replacement] = []
+    for key, task in tasks.items():
+        node = nodes.get(task.node_id)
+        if node is None or task.service not in services:
+            continue
+        if node.state == pb.NODE_STATE_DOWN:
+            spec = services[task.service].spec
+            if spec.on_disconnect == pb.ON_DISCONNECT_STOP and silent_for(node.id) < deadline + margin:
+                continue
+            out.append(Replacement(key=key, old=task, retire=False, reason=f"node {node.name} down"))
+        elif node.availability == pb.NODE_AVAILABILITY_DRAIN:
+            out.append(Replacement(key=key, old=task, retire=True, reason=f"node {node.name} draining"))
+    return sorted(out, key=lambda r: (r.old.service, r.old.slot))

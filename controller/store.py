@@ -6,6 +6,8 @@ Everything Berth knows lives under one prefix (default ``/berth/``)::
     <prefix>tasks/<service>/<slot>   Task         (desired state of one slot)
     <prefix>status/<task-id>         TaskStatus   (what the agent observed; written on change)
     <prefix>nodes/<node-id>          Node         (capacity, labels, availability, state)
+    <prefix>retiring/<task-id>       Task         (an old task kept running until its replacement
+                                                   runs: drain moves work replacement-first)
 
 Values are protobuf messages encoded as JSON, so ``etcdctl get --prefix /berth/`` is readable.
 Writes that depend on what was read carry the ``mod_revision`` they read (0 = "must not exist")
@@ -64,6 +66,13 @@ class Keys:
 
     def node(self, node_id: str) -> str:
         return f"{self.prefix}nodes/{node_id}"
+
+    def retiring_task(self, task_id: str) -> str:
+        return f"{self.prefix}retiring/{task_id}"
+
+    @property
+    def retiring(self) -> str:
+        return f"{self.prefix}retiring/"
 
     @property
     def services(self) -> str:
@@ -125,6 +134,7 @@ class Loaded:
     tasks: dict[str, Stored[pb.Task]] = field(default_factory=dict)  # by task key
     statuses: dict[str, Stored[pb.TaskStatus]] = field(default_factory=dict)  # by task id
     nodes: dict[str, Stored[pb.Node]] = field(default_factory=dict)  # by node id
+    retiring: dict[str, Stored[pb.Task]] = field(default_factory=dict)  # by task id
 
 
 def _chunks(ops: Sequence[Op], size: int) -> Iterator[Sequence[Op]]:
@@ -182,6 +192,8 @@ class Store:
                 )
             elif key.startswith(self.keys.nodes):
                 loaded.nodes[key.removeprefix(self.keys.nodes)] = Stored(decode(kv.value, pb.Node), rev)
+            elif key.startswith(self.keys.retiring):
+                loaded.retiring[key.removeprefix(self.keys.retiring)] = Stored(decode(kv.value, pb.Task), rev)
         return loaded
 
     async def commit(self, ops: Sequence[Op]) -> dict[str, int]:

@@ -1,0 +1,54 @@
+"""Node liveness: a deadline per node, renewed by every message its agent sends.
+
+Defaults (see docs/failure-handling.md for the reasoning): agents heartbeat every second; a node
+whose last message is older than ``NODE_DEADLINE`` (4 s) is declared down. Detection therefore
+takes 3-4 s after a silent loss, and a node must miss four heartbeats in a row — a busy host
+whose agent is merely slowed by CPU contention still gets a heartbeat through well inside that.
+At-most-one services wait ``AT_MOST_ONE_MARGIN`` longer, so the agent (which stops their
+containers once its own heartbeats go unacknowledged for the deadline) is done before any copy is
+started elsewhere.
+
+A controller that starts (or restarts, or takes over) gives every known node a fresh deadline
+before judging it: a controller restart reschedules nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+HEARTBEAT_INTERVAL = 1.0
+NODE_DEADLINE = 4.0
+AT_MOST_ONE_MARGIN = 2.0
+
+
+class Liveness:
+    """Deadlines on the monotonic clock (wall-clock jumps must not kill nodes)."""
+
+    def __init__(self, deadline: float = NODE_DEADLINE, clock: Callable[[], float] = time.monotonic) -> None:
+        self.deadline = deadline
+        self.clock = clock
+        self._last: dict[str, float] = {}
+
+    def seen(self, node_id: str) -> None:
+        self._last[node_id] = self.clock()
+
+    def fresh(self, node_ids: Iterable[str]) -> None:
+        """Start every node's deadline now (controller start)."""
+        now = self.clock()
+        for node_id in node_ids:
+            self._last[node_id] = now
+
+    def forget(self, node_id: str) -> None:
+        self._last.pop(node_id, None)
+
+    def silent_for(self, node_id: str) -> float:
+        """Seconds since the node was last heard from (0 for an unknown node: it gets a fresh start)."""
+        last = self._last.get(node_id)
+        if last is None:
+            self._last[node_id] = self.clock()
+            return 0.0
+        return self.clock() - last
+
+    def expired(self, node_ids: Iterable[str]) -> list[str]:
+        return [n for n in node_ids if self.silent_for(n) > self.deadline]

@@ -55,7 +55,7 @@ class Session:
         self.node_deadline = DEFAULT_DEADLINE
         self.last_rtt: float | None = None
         self.acked_at = time.monotonic()  # send time of the last acknowledged heartbeat
-        self._call: grpc.aio.StreamStreamCall | None = None
+        self._abandon = asyncio.Event()
         self._stopped_for_disconnect = False
 
     def report(self, status: pb.TaskStatus) -> None:
@@ -84,7 +84,6 @@ class Session:
                     log.debug("controller %s not reachable within %.0fs", self.controller, CONNECT_TIMEOUT)
                 finally:
                     self.connected.clear()
-                    self._call = None
                 recovered = []
                 await asyncio.sleep(min(1.0, 0.1 * (2 ** min(attempt, 4))))
         finally:
@@ -108,37 +107,52 @@ class Session:
                 running=self.manager.statuses() or recovered,
             )
             call = stub.Connect(self._requests(register))
-            self._call = call
-            heartbeats: asyncio.Task[None] | None = None
+            self._abandon = asyncio.Event()
+            reader = asyncio.create_task(self._consume(call))
+            abandoned = asyncio.create_task(self._abandon.wait())
             try:
-                async for message in call:
-                    kind = message.WhichOneof("msg")
-                    if kind == "registered":
-                        self.heartbeat_interval = message.registered.heartbeat_interval or 1.0
-                        self.node_deadline = message.registered.node_deadline or DEFAULT_DEADLINE
-                        self.acked_at = time.monotonic()
-                        self._stopped_for_disconnect = False
-                        self.connected.set()
-                        log.info("registered with controller=%s node=%s", self.controller, ident.node_id)
-                        heartbeats = asyncio.create_task(self._heartbeats())
-                        statuses = self.manager.statuses()
-                        if statuses:
-                            self._outbox.put_nowait(
-                                agent_pb2.AgentMessage(status=agent_pb2.StatusReport(statuses=statuses))
-                            )
-                    elif kind == "assignments":
-                        a = message.assignments
-                        self.manager.apply(a.tasks, a.removed, full=a.full)
-                    elif kind == "heartbeat_ack":
-                        sent = message.heartbeat_ack.sent_at
-                        self.acked_at = max(self.acked_at, sent)
-                        self.last_rtt = time.monotonic() - sent
+                await asyncio.wait({reader, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()  # raises the stream's error, if any
             finally:
-                if heartbeats is not None:
-                    heartbeats.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await heartbeats
+                for t in (reader, abandoned):
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await t
                 call.cancel()
+
+    async def _consume(self, call: grpc.aio.StreamStreamCall) -> None:
+        ident = self.identity
+        heartbeats: asyncio.Task[None] | None = None
+        try:
+            async for message in call:
+                kind = message.WhichOneof("msg")
+                if kind == "registered":
+                    self.heartbeat_interval = message.registered.heartbeat_interval or 1.0
+                    self.node_deadline = message.registered.node_deadline or DEFAULT_DEADLINE
+                    self.acked_at = time.monotonic()
+                    self._stopped_for_disconnect = False
+                    self.connected.set()
+                    log.info("registered with controller=%s node=%s", self.controller, ident.node_id)
+                    heartbeats = asyncio.create_task(self._heartbeats())
+                    statuses = self.manager.statuses()
+                    if statuses:
+                        self._outbox.put_nowait(
+                            agent_pb2.AgentMessage(status=agent_pb2.StatusReport(statuses=statuses))
+                        )
+                elif kind == "assignments":
+                    a = message.assignments
+                    self.manager.apply(a.tasks, a.removed, full=a.full)
+                elif kind == "heartbeat_ack":
+                    sent = message.heartbeat_ack.sent_at
+                    self.acked_at = max(self.acked_at, sent)
+                    self.last_rtt = time.monotonic() - sent
+        finally:
+            if heartbeats is not None:
+                heartbeats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeats
+            call.cancel()
 
     async def _requests(self, register: agent_pb2.Register) -> AsyncIterator[agent_pb2.AgentMessage]:
         yield agent_pb2.AgentMessage(register=register)
@@ -158,10 +172,9 @@ class Session:
             silent = time.monotonic() - self.acked_at
             if silent <= self.node_deadline:
                 continue
-            if self._call is not None:
+            if self.connected.is_set() and not self._abandon.is_set():
                 log.warning("no heartbeat acknowledged for %.1fs; reconnecting", silent)
-                self._call.cancel()
-                self._call = None
+                self._abandon.set()
             if not self._stopped_for_disconnect:
                 self._stopped_for_disconnect = True
                 stopped = await self.manager.stop_on_disconnect()

@@ -31,7 +31,12 @@ class Client:
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or code.name
-            if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+            # the controller's own UNAVAILABLE answers (etcd down) name etcd; anything else with that
+            # code is gRPC failing to reach the controller at all
+            transport = any(
+                m in details.lower() for m in ("failed to connect", "connection refused", "socket closed")
+            )
+            if code == grpc.StatusCode.UNAVAILABLE and transport and not details.startswith("etcd"):
                 raise ApiError(
                     f"cannot reach the controller at {self.address} "
                     "(set BERTH_ADDR, or start one with `berth dev up`)"
@@ -40,7 +45,7 @@ class Client:
                 raise ApiError(
                     f"the controller at {self.address} did not answer within {self.timeout:.0f}s"
                 ) from None
-            raise ApiError(details) from None
+            raise ApiError(" ".join(details.split())) from None
 
     def close(self) -> None:
         self._channel.close()

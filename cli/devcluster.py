@@ -296,6 +296,70 @@ def _wait_gone(pids: Iterable[int], timeout: float) -> set[int]:
     return left
 
 
+def _running(pid: int) -> bool:
+    state = _pid_state(pid)
+    return state is not None and state not in "ZX"
+
+
+def _parents() -> dict[int, int]:
+    """pid -> ppid of every process (from /proc/<pid>/stat)."""
+    out: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        out[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def _descendants(roots: Iterable[int]) -> set[int]:
+    """Every live descendant of ``roots`` (not the roots themselves)."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _parents().items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _self_and_ancestors() -> set[int]:
+    parents = _parents()
+    chain = {os.getpid()}
+    pid = os.getpid()
+    while pid in parents and parents[pid] > 1 and parents[pid] not in chain:
+        pid = parents[pid]
+        chain.add(pid)
+    return chain | {1}
+
+
+def _netns_pids(ns_path: Path) -> set[int]:
+    """Processes whose network namespace is the one bound at ``ns_path``."""
+    try:
+        st = os.stat(ns_path)
+    except OSError:
+        return set()
+    want = (st.st_dev, st.st_ino)
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            s = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == want:
+            found.add(int(entry))
+    return found
+
+
 def _unescape_mount(path: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
 
@@ -1021,6 +1085,16 @@ class DevCluster:
     def stop_controller(self, sig: int = signal.SIGTERM) -> None:
         self._stop("controller", sig)
 
+    def stop_etcd(self, sig: int = signal.SIGTERM) -> None:
+        """Stop etcd (tests: the controller must ride out an etcd restart)."""
+        self._stop("etcd", sig)
+
+    def start_etcd(self) -> None:
+        if self._alive("etcd"):
+            raise DevClusterError("etcd is already running")
+        self._start_etcd()
+        self._save()
+
     def agent_argv(self, host: str) -> list[str]:
         """The exact command line of ``host``'s agent (run in the host's network namespace only)."""
         h = self.host(host)
@@ -1084,17 +1158,65 @@ class DevCluster:
     def agent_alive(self, host: str) -> bool:
         return self._alive(f"agent-{host}")
 
-    def kill_host(self, host: str) -> None:
-        """A host dies: SIGKILL its agent and every process in its cgroup parent (its containers)."""
+    def kill_host(self, host: str, *, timeout: float = 10.0) -> list[int]:
+        """A host loses power: SIGKILL, at once, its agent, everything the agent started (runc, skopeo, ...),
+        every process in the host's network namespace and every process in its cgroup parent (its
+        containers, in every hierarchy), repeated until none is left. Nothing is cleaned up: runc's
+        state stays on disk (``runc list`` shows the containers ``stopped``), as after a real power loss;
+        ``start_agent`` brings the host back. Returns the pids killed. The kernel still closes the agent's
+        sockets (its peers see FIN/RST): ``partition`` first for a loss nobody hears about."""
         h = self.host(host)
-        self._stop(f"agent-{host}", signal.SIGKILL)
-        _kill_cgroups([c for c in _find_cgroups(h.cgroup_parent) if c.name == h.cgroup_parent])
+        key = f"agent-{host}"
+        info = self._procs().get(key)
+        agent = {info.pid} if info is not None and self._alive(key) else set()
+        spared = _self_and_ancestors()
+        cgroups = [c for c in _find_cgroups(h.cgroup_parent) if c.name == h.cgroup_parent]
+        netns = NETNS_DIR / h.netns
+        # Children of the agent first (while it still is their parent): a `runc run` in flight would
+        # otherwise outlive it and start a container after the sweep.
+        victims = agent | _descendants(agent)
+        killed: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while True:
+            for d in cgroups:
+                _thaw(d)
+                victims |= _cgroup_tree_pids(d)
+            victims |= _netns_pids(netns)
+            victims |= _descendants(victims)
+            victims = {pid for pid in victims - spared if _running(pid)}
+            if not victims:
+                break
+            if time.monotonic() > deadline:
+                raise DevClusterError(
+                    f"{host}: processes survived SIGKILL for {timeout:.0f}s: "
+                    f"{', '.join(map(str, sorted(victims)))}"
+                )
+            for pid in victims:
+                _kill(pid, signal.SIGKILL)
+            killed |= victims
+            _wait_gone(victims, 1.0)
+        p = self._popen.get(key)
+        if p is not None and info is not None and p.pid == info.pid:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)  # reap our own child: no zombie left behind
+        return sorted(killed)
+
+    def partitioned(self, host: str) -> bool:
+        """True while ``host``'s link is down (``partition``)."""
+        veth = self.host(host).veth
+        for link in _links():
+            if link.get("ifname") == veth:
+                return "UP" not in link.get("flags", [])
+        raise DevClusterError(f"{host}: its link {veth} does not exist")
 
     def partition(self, host: str) -> None:
-        """Cut ``host`` off the cluster network (its veth goes down); ``heal`` undoes it."""
+        """Cut ``host`` off (a partition): the root-namespace end of its veth goes down, so no packet at all
+        passes between the host and anything else (the bridge, the root namespace, other hosts), in either
+        direction; its processes and containers keep running. ``heal`` undoes it."""
         _run(["ip", "link", "set", "dev", self.host(host).veth, "down"])
 
     def heal(self, host: str) -> None:
+        """Bring ``host``'s link back up (after ``partition``); a no-op when it is up."""
         _run(["ip", "link", "set", "dev", self.host(host).veth, "up"])
 
     def add_host(

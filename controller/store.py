@@ -137,6 +137,16 @@ class Loaded:
     retiring: dict[str, Stored[pb.Task]] = field(default_factory=dict)  # by task id
 
 
+def _describe(exc: BaseException) -> str:
+    """One short line for an etcd client failure (gRPC errors carry long debug strings)."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        return f"{code().name}: {details()}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def _chunks(ops: Sequence[Op], size: int) -> Iterator[Sequence[Op]]:
     for start in range(0, len(ops), size):
         yield ops[start : start + size]
@@ -168,14 +178,14 @@ class Store:
             )
             return int(response.header.revision)
         except Exception as exc:  # aetcd errors, or grpc.aio.AioRpcError from the raw stub
-            raise StoreError(f"etcd at {self.endpoint} unreachable: {exc}") from exc
+            raise StoreError(f"etcd at {self.endpoint} unreachable ({_describe(exc)})") from exc
 
     async def load(self) -> Loaded:
         """Read everything under the prefix in one consistent range read."""
         try:
             result = await self._client.get_prefix(self.keys.prefix.encode())
         except aetcd.exceptions.ClientError as exc:
-            raise StoreError(f"etcd at {self.endpoint} unreachable: {exc}") from exc
+            raise StoreError(f"etcd at {self.endpoint} unreachable ({_describe(exc)})") from exc
         loaded = Loaded(revision=int(result.header.revision))
         for kv in result:
             key = kv.key.decode()
@@ -235,9 +245,9 @@ class Store:
                 timeout=self._client._timeout,
             )
         except aetcd.exceptions.ClientError as exc:
-            raise StoreError(f"etcd at {self.endpoint} failed a write: {exc}") from exc
+            raise StoreError(f"etcd at {self.endpoint} failed a write ({_describe(exc)})") from exc
         except Exception as exc:  # grpc.aio.AioRpcError escapes aetcd's wrapper on raw stub calls
-            raise StoreError(f"etcd at {self.endpoint} failed a write: {exc}") from exc
+            raise StoreError(f"etcd at {self.endpoint} failed a write ({_describe(exc)})") from exc
         if not response.succeeded:
             raise ConflictError(f"concurrent change to one of {[op.key for op in batch][:3]}...")
         return int(response.header.revision)

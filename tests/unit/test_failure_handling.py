@@ -1,0 +1,102 @@
+"""Pure pieces of failure handling: node deadlines on a fake clock, and which tasks move."""
+
+from __future__ import annotations
+
+import pytest
+
+from berth.controller.nodes import Liveness
+from berth.controller.reconciler import plan_replacements
+from berth.proto.berth.v1 import types_pb2 as pb
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_deadline_counts_from_the_last_message() -> None:
+    clock = FakeClock()
+    live = Liveness(deadline=4.0, clock=clock)
+    live.fresh(["a", "b"])
+    clock.now += 3.0
+    live.seen("a")
+    clock.now += 1.5
+    assert live.expired(["a", "b"]) == ["b"]
+    clock.now += 3.0
+    assert live.expired(["a", "b"]) == ["a", "b"]
+
+
+def test_fresh_start_judges_no_node_early() -> None:
+    clock = FakeClock()
+    live = Liveness(deadline=4.0, clock=clock)
+    live.seen("a")
+    clock.now += 60  # e.g. the controller was down for a minute
+    live.fresh(["a"])
+    assert live.expired(["a"]) == []
+    assert live.silent_for("unknown") == 0.0
+
+
+def node(node_id: str, *, down: bool = False, drain: bool = False) -> pb.Node:
+    return pb.Node(
+        id=node_id,
+        name=node_id,
+        state=pb.NODE_STATE_DOWN if down else pb.NODE_STATE_READY,
+        availability=pb.NODE_AVAILABILITY_DRAIN if drain else pb.NODE_AVAILABILITY_ACTIVE,
+    )
+
+
+def service(name: str, at_most_one: bool = False) -> pb.Service:
+    mode = pb.ON_DISCONNECT_STOP if at_most_one else pb.ON_DISCONNECT_KEEP
+    return pb.Service(spec=pb.ServiceSpec(name=name, replicas=1, on_disconnect=mode))
+
+
+CASES = [
+    # id, node, at-most-one, silent seconds, expect replacement, expect retire
+    ("ready-node", node("n"), False, 0.0, False, False),
+    ("down-node", node("n", down=True), False, 4.1, True, False),
+    ("down-at-most-one-inside-margin", node("n", down=True), True, 5.0, False, False),
+    ("down-at-most-one-after-margin", node("n", down=True), True, 6.5, True, False),
+    ("draining-node", node("n", drain=True), False, 0.0, True, True),
+    ("down-and-draining", node("n", down=True, drain=True), False, 4.5, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("n", "at_most_one", "silent", "replaced", "retire"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_plan_replacements(
+    n: pb.Node, at_most_one: bool, silent: float, replaced: bool, retire: bool
+) -> None:
+    task = pb.Task(id="s.1.x", service="s", slot=1, node_id="n")
+    out = plan_replacements(
+        tasks={"k": task},
+        nodes={"n": n},
+        services={"s": service("s", at_most_one)},
+        silent_for=lambda _: silent,
+        deadline=4.0,
+        margin=2.0,
+    )
+    assert bool(out) == replaced
+    if out:
+        assert out[0].retire == retire and out[0].old.id == "s.1.x"
+
+
+def test_unplaced_and_orphaned_tasks_are_not_replacements() -> None:
+    tasks = {
+        "a": pb.Task(id="s.1.a", service="s", slot=1),
+        "b": pb.Task(id="gone.1.b", service="gone", node_id="n"),
+    }
+    out = plan_replacements(
+        tasks=tasks,
+        nodes={"n": node("n", down=True)},
+        services={"s": service("s")},
+        silent_for=lambda _: 10.0,
+        deadline=4.0,
+        margin=2.0,
+    )
+    assert out == []

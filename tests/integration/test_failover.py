@@ -7,18 +7,20 @@ Each test restores what it broke (restarts the killed agent, heals the cut link)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from berth.cli.devcluster import DevCluster
+
 from tests.integration.clusterkit import (
     all_running,
     apply,
@@ -102,10 +104,8 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(OSError, subprocess.SubprocessError, json.JSONDecodeError):
                 self.samples.append(of_service(containers(self.c), self.service))
-            except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
-                pass
             time.sleep(0.05)
 
     def __enter__(self) -> Sampler:
@@ -121,6 +121,14 @@ def test_killed_host_work_runs_elsewhere_and_returns_clean(cluster: DevCluster, 
     apply(cluster, tmp_path, WEB)
     before = steady(cluster, "web", 8)
     victim = busiest(before)
+    env = {**os.environ, "BERTH_ADDR": cluster.controller_address}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "berth.cli.main", "events", "-o", "json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # let the stream open before the fault
     t0 = time.monotonic()
     cluster.kill_host(victim)
     after = wait_for(
@@ -137,6 +145,16 @@ def test_killed_host_work_runs_elsewhere_and_returns_clean(cluster: DevCluster, 
     assert node_state(cluster, victim) == "down"
     assert all_running(cluster, "web", 8)
     print(f"failover after kill: {elapsed:.1f}s")  # measured properly in bench/failover.py
+    watcher.terminate()
+    out, _ = watcher.communicate(timeout=10)
+    events = [json.loads(line) for line in out.splitlines()]
+    kinds = [e["kind"] for e in events]
+    lost = {t for t, (h, _) in before.items() if h == victim}
+    assert "node-down" in kinds and next(e for e in events if e["kind"] == "node-down")["node"] == victim
+    assert {e["task"] for e in events if e["kind"] == "task-lost"} == lost
+    assert {e["task"] for e in events if e["kind"] == "task-replaced"} == lost
+    assert len([e for e in events if e["kind"] == "task-started"]) >= len(lost)
+    assert all(e["time"] for e in events)
     # the host comes back: it rejoins, holds no stale container, the count stays 8
     cluster.start_agent(victim)
     wait_for(lambda: node_state(cluster, victim) == "ready", 30, f"{victim} ready again")

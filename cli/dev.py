@@ -2,7 +2,9 @@
 
 ``berth dev up`` starts etcd, a registry (with the example portal image pushed) and a controller in the
 root namespace and one agent per host namespace; ``berth dev status`` shows them; ``berth dev down``
-removes every trace. Needs root. See ``berth.cli.devcluster`` for the address plan.
+removes every trace. Faults for one host: ``kill`` (power loss), ``cut`` (partition), ``heal`` (end the
+partition), ``start`` (restart a killed host's agent). Needs root. See ``berth.cli.devcluster`` for the
+address plan.
 """
 
 from __future__ import annotations
@@ -181,3 +183,121 @@ def down(name: NameOpt = "dev", base_dir: BaseDirOpt = DEFAULT_BASE_DIR) -> None
         _fail(str(e))
         return
     print(f"dev cluster {name!r} removed", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# fault injection: kill / cut / heal / start one host
+
+
+HostArg = Annotated[str, typer.Argument(help="Host name, e.g. h1 (see `berth dev status`).")]
+
+
+def _running_cluster(name: str, base_dir: Path, host: str) -> DevCluster:
+    """The cluster ``name`` if it is up and has ``host``; a one-line CliError otherwise."""
+    if os.geteuid() != 0:
+        _fail("not root: berth dev needs root to act on network namespaces and cgroups")
+    try:
+        cluster = DevCluster(DevClusterConfig(name=name, base_dir=base_dir))
+    except DevClusterError as e:
+        raise CliError(str(e)) from None
+    if not cluster.is_up():
+        raise CliError(
+            f"dev cluster {name!r} is not up (no {cluster.state_file}); start it with `berth dev up`"
+        )
+    if host not in cluster.hosts:
+        known = ", ".join(sorted(cluster.hosts)) or "none"
+        raise CliError(f"no host {host!r} in dev cluster {name!r} (hosts: {known})")
+    return cluster
+
+
+def _cmd(command: str, host: str, name: str, base_dir: Path = DEFAULT_BASE_DIR) -> str:
+    """The command line to type next, with the options that differ from the defaults."""
+    opts = ("" if name == "dev" else f" --name {name}") + (
+        "" if base_dir == DEFAULT_BASE_DIR else f" --base-dir {base_dir}"
+    )
+    return f"`berth dev {command} {host}{opts}`"
+
+
+@app.command("kill")
+def kill(
+    host: HostArg,
+    name: NameOpt = "dev",
+    base_dir: BaseDirOpt = DEFAULT_BASE_DIR,
+    silent: Annotated[
+        bool,
+        typer.Option(
+            "--silent",
+            help="Cut the host's link first, so not even the kernel's FIN/RST of the agent's connection "
+            "reaches the controller (a real power loss). Undo with `heal` and `start`.",
+        ),
+    ] = False,
+) -> None:
+    """Power loss: SIGKILL the host's agent, everything it started and every container (see --silent)."""
+    cluster = _running_cluster(name, base_dir, host)
+    try:
+        if silent:
+            cluster.partition(host)
+        had_agent = cluster.agent_alive(host)
+        killed = cluster.kill_host(host)
+    except DevClusterError as e:
+        raise CliError(str(e)) from None
+    others = len(killed) - (1 if had_agent else 0)
+    what = "its agent and" if had_agent else "(its agent was not running)"
+    print(f"{host}: powered off: SIGKILL to {what} {others} other process(es) (containers, helpers)")
+    if silent:
+        heal_cmd, start_cmd = _cmd("heal", host, name, base_dir), _cmd("start", host, name, base_dir)
+        print(f"{host}: link is down too; bring it back with {heal_cmd}, then {start_cmd}")
+    else:
+        print(f"{host}: bring it back with {_cmd('start', host, name, base_dir)}")
+
+
+@app.command("cut")
+def cut(host: HostArg, name: NameOpt = "dev", base_dir: BaseDirOpt = DEFAULT_BASE_DIR) -> None:
+    """Partition: take the host's link down (no packet in or out); its agent and containers keep running."""
+    cluster = _running_cluster(name, base_dir, host)
+    try:
+        was_cut = cluster.partitioned(host)
+        cluster.partition(host)
+    except DevClusterError as e:
+        raise CliError(str(e)) from None
+    h = cluster.host(host)
+    if was_cut:
+        print(f"{host}: already cut off (link {h.veth} is down)")
+        return
+    heal_cmd = _cmd("heal", host, name, base_dir)
+    print(f"{host}: cut off ({h.address} unreachable, link {h.veth} down); undo with {heal_cmd}")
+
+
+@app.command("heal")
+def heal(host: HostArg, name: NameOpt = "dev", base_dir: BaseDirOpt = DEFAULT_BASE_DIR) -> None:
+    """Undo `cut`: bring the host's link back up."""
+    cluster = _running_cluster(name, base_dir, host)
+    try:
+        was_cut = cluster.partitioned(host)
+        cluster.heal(host)
+        agent_alive = cluster.agent_alive(host)
+    except DevClusterError as e:
+        raise CliError(str(e)) from None
+    h = cluster.host(host)
+    print(f"{host}: link {h.veth} up, {h.address} reachable" if was_cut else f"{host}: was not cut off")
+    if not agent_alive:
+        print(f"{host}: its agent is not running; start it with {_cmd('start', host, name, base_dir)}")
+
+
+@app.command("start")
+def start(host: HostArg, name: NameOpt = "dev", base_dir: BaseDirOpt = DEFAULT_BASE_DIR) -> None:
+    """(Re)start a host's agent after `kill`: it re-adopts or cleans up what the host ran before."""
+    cluster = _running_cluster(name, base_dir, host)
+    if cluster.agent_alive(host):
+        raise CliError(f"the agent of {host} is already running")
+    try:
+        cluster.start_agent(host)
+        cut_off = cluster.partitioned(host)
+    except DevClusterError as e:
+        raise CliError(str(e).splitlines()[0].rstrip(":").replace("last lines of", "see")) from None
+    procs = cluster.status()["processes"]
+    pid = next((p["pid"] for p in procs if p["name"] == f"agent-{host}"), "?")
+    print(f"{host}: agent started (pid {pid})")
+    if cut_off:
+        heal_cmd = _cmd("heal", host, name, base_dir)
+        print(f"{host}: its link is down; it reaches the controller after {heal_cmd}")

@@ -80,6 +80,7 @@ class Cluster:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._awaiting_margin: set[str] = set()  # down nodes whose at-most-one tasks wait for the margin
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -454,6 +455,13 @@ class Cluster:
                 log.exception("liveness check failed")
 
     async def check_liveness(self) -> None:
+        for node_id in list(self._awaiting_margin):
+            stored = self.state.nodes.get(node_id)
+            if stored is None or stored.value.state != pb.NODE_STATE_DOWN:
+                self._awaiting_margin.discard(node_id)
+            elif self.liveness.silent_for(node_id) > self.liveness.deadline + self.margin:
+                self._awaiting_margin.discard(node_id)
+                self.trigger()  # its at-most-one tasks may be replaced now
         ready = [nid for nid, s in self.state.nodes.items() if s.value.state == pb.NODE_STATE_READY]
         expired = self.liveness.expired(ready)
         if not expired:
@@ -474,6 +482,7 @@ class Cluster:
             await self._commit(ops)
         by_node = self.state.tasks_by_node()
         for node in down:
+            self._awaiting_margin.add(node.id)
             silent = self.liveness.silent_for(node.id)
             self.events.publish(
                 "node-down", f"no heartbeat for {silent:.1f}s", node_id=node.id, node=node.name

@@ -51,7 +51,8 @@ unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
 lint: venv
-	$(VENV)/bin/ruff check controller agent cli proto tests
+	$(VENV)/bin/ruff check controller agent cli proto tests bench
+	$(VENV)/bin/ruff format --check controller agent cli tests bench
 	$(VENV)/bin/mypy -p berth.controller -p berth.agent -p berth.cli -p berth.proto
 
 proto: venv

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import typer
+
 from berth.agent import capacity
 from berth.agent.logs import setup_logging
 from berth.agent.runc import RuncRuntime

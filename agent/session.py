@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+
 from berth.agent.tasks import TaskManager
 from berth.proto.berth.v1 import agent_pb2, agent_pb2_grpc
 from berth.proto.berth.v1 import types_pb2 as pb

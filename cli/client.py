@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+
 from berth.cli.errors import ApiError
 from berth.proto.berth.v1 import cluster_pb2_grpc
 

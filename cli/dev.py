@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from berth.cli.devcluster import (
     DEFAULT_BASE_DIR,
     DevCluster,
@@ -27,8 +30,6 @@ from berth.cli.devcluster import (
 )
 from berth.cli.errors import CliError
 from berth.cli.render import OutputFormat, resolve
-from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     help="A local multi-host dev cluster: etcd, registry, controller and one agent per network-namespace "

@@ -8,6 +8,7 @@ import sys
 
 import grpc
 import typer
+
 from berth.cli.client import Client
 from berth.cli.render import OutputFormat, resolve
 from berth.proto.berth.v1 import cluster_pb2

@@ -11,6 +11,7 @@ import os
 import sys
 
 import typer
+
 from berth.cli import dev, events, node, service
 from berth.cli.errors import CliError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from berth.cli.client import Client
 from berth.cli.render import OutputFormat, emit
 from berth.cli.views import node_row

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+
 from berth.cli.client import Client
 from berth.cli.errors import CliError, InputError
 from berth.cli.render import OutputFormat, emit

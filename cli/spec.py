@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from berth.cli.errors import InputError
 from berth.proto.berth.v1 import types_pb2 as pb
 from berth.proto.quantity import parse_cpu, parse_memory

@@ -8,6 +8,7 @@ import signal
 
 import grpc
 import typer
+
 from berth.controller.api import AgentService, ClusterService
 from berth.controller.cluster import Cluster
 from berth.controller.logs import setup_logging

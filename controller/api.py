@@ -13,6 +13,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+
 from berth.controller.cluster import Cluster
 from berth.controller.errors import (
     AlreadyExistsError,

@@ -28,9 +28,10 @@ from urllib.parse import urlsplit
 import aetcd
 import aetcd.exceptions
 from aetcd import rpc
-from berth.proto.berth.v1 import types_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
+
+from berth.proto.berth.v1 import types_pb2 as pb
 
 log = logging.getLogger(__name__)
 

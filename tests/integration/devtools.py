@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from berth.cli.devcluster import DevClusterConfig
 
 BASE_DIR = Path("/var/tmp/berth-devtest")

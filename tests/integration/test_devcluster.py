@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-from berth.cli.devcluster import DevCluster, DevClusterConfig, DevClusterError
 
+from berth.cli.devcluster import DevCluster, DevClusterConfig, DevClusterError
 from tests.integration.devtools import BASE_DIR, make_config, owner_alive, traces
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from berth.cli.devcluster import DevCluster
 
+from berth.cli.devcluster import DevCluster
 from tests.integration.clusterkit import (
     all_running,
     apply,

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from berth.cli.devcluster import DevCluster
 
+from berth.cli.devcluster import DevCluster
 from tests.integration.devtools import BASE_DIR, make_config, owner_alive, traces
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from berth.cli.devcluster import DevCluster
 
+from berth.cli.devcluster import DevCluster
 from tests.integration.clusterkit import (
     all_running,
     apply,

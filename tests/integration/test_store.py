@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+
 from berth.controller.store import MAX_TXN_OPS, ConflictError, Delete, Put, Store, StoreError
 from berth.proto.berth.v1 import types_pb2 as pb
-
 from tests.integration.etcd_server import etcd_server, free_port
 
 pytestmark = pytest.mark.integration

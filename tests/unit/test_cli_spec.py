@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from berth.cli.errors import InputError
 from berth.cli.spec import from_mapping, load_file, parse_constraint, parse_port
 from berth.proto.berth.v1 import types_pb2 as pb

@@ -6,6 +6,7 @@ import filecmp
 from pathlib import Path
 
 import pytest
+
 from berth.proto import generate
 
 GENERATED = [

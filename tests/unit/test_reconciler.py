@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from berth.controller.reconciler import new_task, reconcile
-from berth.proto.berth.v1 import types_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
+
+from berth.controller.reconciler import new_task, reconcile
+from berth.proto.berth.v1 import types_pb2 as pb
 
 
 def service(name: str, replicas: int, generation: int = 1) -> pb.Service:

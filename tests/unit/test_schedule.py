@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 import pytest
+
 from berth.controller.scheduler import (
     Availability,
     Constraint,

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import pytest
+
 from berth.controller.scheduler import filters
 from berth.controller.scheduler.model import (
     Availability,

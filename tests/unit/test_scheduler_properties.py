@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from berth.controller.scheduler import (
     Availability,
     Constraint,
@@ -14,8 +17,6 @@ from berth.controller.scheduler import (
     TaskRequest,
     schedule,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 DYNAMIC = (30000, 30004)
 SCALARS = ("gpu", "ssd")

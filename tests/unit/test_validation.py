@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from berth.controller.errors import InvalidError
 from berth.controller.validation import SpecError, validate_spec
 from berth.proto.berth.v1 import types_pb2 as pb

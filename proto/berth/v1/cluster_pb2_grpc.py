@@ -85,6 +85,11 @@ class ClusterAPIStub:
                 request_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeRequest.SerializeToString,
                 response_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/berth.v1.ClusterAPI/Plan',
+                request_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.PlanRequest.SerializeToString,
+                response_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.PlanResponse.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/berth.v1.ClusterAPI/WatchEvents',
                 request_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.WatchEventsRequest.SerializeToString,
@@ -160,6 +165,13 @@ class ClusterAPIServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Plan shows what applying these specs would do, changing nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """WatchEvents streams what happens from now on (node down/up, task lost/placed/started/...).
         """
@@ -219,6 +231,11 @@ def add_ClusterAPIServicer_to_server(servicer, server):
                     servicer.RemoveNode,
                     request_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeRequest.FromString,
                     response_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.PlanRequest.FromString,
+                    response_serializer=berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.PlanResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -496,6 +513,33 @@ class ClusterAPI:
             '/berth.v1.ClusterAPI/RemoveNode',
             berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeRequest.SerializeToString,
             berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.ClusterAPI/Plan',
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.PlanRequest.SerializeToString,
+            berth_dot_proto_dot_berth_dot_v1_dot_cluster__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,8 @@ class ClusterAPIStub:
     """
     RemoveNode: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.RemoveNodeRequest, _cluster_pb2.RemoveNodeResponse]
     """RemoveNode forgets a node that is down; its tasks are placed elsewhere."""
+    Plan: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.PlanRequest, _cluster_pb2.PlanResponse]
+    """Plan shows what applying these specs would do, changing nothing."""
     WatchEvents: _grpc.UnaryStreamMultiCallable[_cluster_pb2.WatchEventsRequest, _cluster_pb2.Event]
     """WatchEvents streams what happens from now on (node down/up, task lost/placed/started/...)."""
 
@@ -70,6 +72,8 @@ class ClusterAPIAsyncStub(ClusterAPIStub):
     """
     RemoveNode: _aio.UnaryUnaryMultiCallable[_cluster_pb2.RemoveNodeRequest, _cluster_pb2.RemoveNodeResponse]  # type: ignore[assignment]
     """RemoveNode forgets a node that is down; its tasks are placed elsewhere."""
+    Plan: _aio.UnaryUnaryMultiCallable[_cluster_pb2.PlanRequest, _cluster_pb2.PlanResponse]  # type: ignore[assignment]
+    """Plan shows what applying these specs would do, changing nothing."""
     WatchEvents: _aio.UnaryStreamMultiCallable[_cluster_pb2.WatchEventsRequest, _cluster_pb2.Event]  # type: ignore[assignment]
     """WatchEvents streams what happens from now on (node down/up, task lost/placed/started/...)."""
 
@@ -149,6 +153,14 @@ class ClusterAPIServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cluster_pb2.RemoveNodeResponse, _abc.Awaitable[_cluster_pb2.RemoveNodeResponse]]:
         """RemoveNode forgets a node that is down; its tasks are placed elsewhere."""
+
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _cluster_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.PlanResponse, _abc.Awaitable[_cluster_pb2.PlanResponse]]:
+        """Plan shows what applying these specs would do, changing nothing."""
 
     @_abc_1.abstractmethod
     def WatchEvents(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n berth/proto/berth/v1/types.proto\x12\x08\x62\x65rth.v1\"\x98\x01\n\tResources\x12\x12\n\ncpu_millis\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x31\n\x07scalars\x18\x03 \x03(\x0b\x32 .berth.v1.Resources.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"G\n\x08PortSpec\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x11\n\thost_port\x18\x02 \x01(\r\x12\x10\n\x08protocol\x18\x03 \x01(\t\"4\n\nConstraint\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"\xae\x03\n\x0bServiceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12&\n\tresources\x18\x04 \x01(\x0b\x32\x13.berth.v1.Resources\x12!\n\x05ports\x18\x05 \x03(\x0b\x32\x12.berth.v1.PortSpec\x12+\n\x03\x65nv\x18\x06 \x03(\x0b\x32\x1e.berth.v1.ServiceSpec.EnvEntry\x12)\n\x0b\x63onstraints\x18\x07 \x03(\x0b\x32\x14.berth.v1.Constraint\x12\x0c\n\x04\x61rgs\x18\x08 \x03(\t\x12&\n\x07network\x18\t \x01(\x0e\x32\x15.berth.v1.NetworkMode\x12(\n\x07restart\x18\n \x01(\x0e\x32\x17.berth.v1.RestartPolicy\x12\x12\n\npids_limit\x18\x0b \x01(\x03\x12-\n\ron_disconnect\x18\x0c \x01(\x0e\x32\x16.berth.v1.OnDisconnect\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x07Service\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.berth.v1.ServiceSpec\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\x12\n\nupdated_at\x18\x04 \x01(\x01\"J\n\x0bPortMapping\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x11\n\thost_port\x18\x02 \x01(\r\x12\x10\n\x08protocol\x18\x03 \x01(\t\"\x93\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0c\n\x04slot\x18\x03 \x01(\r\x12\x17\n\x0fspec_generation\x18\x04 \x01(\x03\x12#\n\x04spec\x18\x05 \x01(\x0b\x32\x15.berth.v1.ServiceSpec\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12*\n\rdesired_state\x18\x07 \x01(\x0e\x32\x13.berth.v1.TaskState\x12$\n\x05ports\x18\x08 \x03(\x0b\x32\x15.berth.v1.PortMapping\x12\x16\n\x0epending_reason\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0b\x61ssigned_at\x18\x0b \x01(\x01\"\xf8\x01\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.berth.v1.TaskState\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x14\n\x0c\x63ontainer_ip\x18\x07 \x01(\t\x12\x10\n\x08restarts\x18\x08 \x01(\x05\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x14\n\x0cimage_digest\x18\x0c \x01(\t\"\xea\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x13.berth.v1.Resources\x12*\n\x06labels\x18\x05 \x03(\x0b\x32\x1a.berth.v1.Node.LabelsEntry\x12\x30\n\x0c\x61vailability\x18\x06 \x01(\x0e\x32\x1a.berth.v1.NodeAvailability\x12\"\n\x05state\x18\x07 \x01(\x0e\x32\x13.berth.v1.NodeState\x12\x15\n\rregistered_at\x18\x08 \x01(\x01\x12\x18\n\x10state_changed_at\x18\t \x01(\x01\x12\x17\n\x0fmetrics_address\x18\n \x01(\t\x12\x15\n\ragent_version\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*[\n\x0bNetworkMode\x12\x1c\n\x18NETWORK_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13NETWORK_MODE_BRIDGE\x10\x01\x12\x15\n\x11NETWORK_MODE_HOST\x10\x02*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*]\n\x0cOnDisconnect\x12\x1d\n\x19ON_DISCONNECT_UNSPECIFIED\x10\x00\x12\x16\n\x12ON_DISCONNECT_KEEP\x10\x01\x12\x16\n\x12ON_DISCONNECT_STOP\x10\x02*\x9a\x02\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x18\n\x14TASK_STATE_PREPARING\x10\x03\x12\x17\n\x13TASK_STATE_STARTING\x10\x04\x12\x16\n\x12TASK_STATE_RUNNING\x10\x05\x12\x17\n\x13TASK_STATE_COMPLETE\x10\x06\x12\x15\n\x11TASK_STATE_FAILED\x10\x07\x12\x17\n\x13TASK_STATE_SHUTDOWN\x10\x08\x12\x17\n\x13TASK_STATE_REJECTED\x10\t\x12\x13\n\x0fTASK_STATE_LOST\x10\n*R\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x13\n\x0fNODE_STATE_DOWN\x10\x02*\x8d\x01\n\x10NodeAvailability\x12!\n\x1dNODE_AVAILABILITY_UNSPECIFIED\x10\x00\x12\x1c\n\x18NODE_AVAILABILITY_ACTIVE\x10\x01\x12\x1b\n\x17NODE_AVAILABILITY_PAUSE\x10\x02\x12\x1b\n\x17NODE_AVAILABILITY_DRAIN\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n berth/proto/berth/v1/types.proto\x12\x08\x62\x65rth.v1\"\x98\x01\n\tResources\x12\x12\n\ncpu_millis\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x31\n\x07scalars\x18\x03 \x03(\x0b\x32 .berth.v1.Resources.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"G\n\x08PortSpec\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x11\n\thost_port\x18\x02 \x01(\r\x12\x10\n\x08protocol\x18\x03 \x01(\t\"D\n\nConstraint\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0e\n\x06values\x18\x04 \x03(\t\"\xfa\x03\n\x0bServiceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x10\n\x08replicas\x18\x03 \x01(\r\x12&\n\tresources\x18\x04 \x01(\x0b\x32\x13.berth.v1.Resources\x12!\n\x05ports\x18\x05 \x03(\x0b\x32\x12.berth.v1.PortSpec\x12+\n\x03\x65nv\x18\x06 \x03(\x0b\x32\x1e.berth.v1.ServiceSpec.EnvEntry\x12)\n\x0b\x63onstraints\x18\x07 \x03(\x0b\x32\x14.berth.v1.Constraint\x12\x0c\n\x04\x61rgs\x18\x08 \x03(\t\x12&\n\x07network\x18\t \x01(\x0e\x32\x15.berth.v1.NetworkMode\x12(\n\x07restart\x18\n \x01(\x0e\x32\x17.berth.v1.RestartPolicy\x12\x12\n\npids_limit\x18\x0b \x01(\x03\x12-\n\ron_disconnect\x18\x0c \x01(\x0e\x32\x16.berth.v1.OnDisconnect\x12\x14\n\x0cmax_per_node\x18\r \x01(\r\x12\x0e\n\x06spread\x18\x0e \x03(\t\x12$\n\x08strategy\x18\x0f \x01(\x0e\x32\x12.berth.v1.Strategy\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x07Service\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.berth.v1.ServiceSpec\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\x12\n\nupdated_at\x18\x04 \x01(\x01\"J\n\x0bPortMapping\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x11\n\thost_port\x18\x02 \x01(\r\x12\x10\n\x08protocol\x18\x03 \x01(\t\"\x93\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0c\n\x04slot\x18\x03 \x01(\r\x12\x17\n\x0fspec_generation\x18\x04 \x01(\x03\x12#\n\x04spec\x18\x05 \x01(\x0b\x32\x15.berth.v1.ServiceSpec\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12*\n\rdesired_state\x18\x07 \x01(\x0e\x32\x13.berth.v1.TaskState\x12$\n\x05ports\x18\x08 \x03(\x0b\x32\x15.berth.v1.PortMapping\x12\x16\n\x0epending_reason\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0b\x61ssigned_at\x18\x0b \x01(\x01\"\xf8\x01\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.berth.v1.TaskState\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x14\n\x0c\x63ontainer_ip\x18\x07 \x01(\t\x12\x10\n\x08restarts\x18\x08 \x01(\x05\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x14\n\x0cimage_digest\x18\x0c \x01(\t\"\xea\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x13.berth.v1.Resources\x12*\n\x06labels\x18\x05 \x03(\x0b\x32\x1a.berth.v1.Node.LabelsEntry\x12\x30\n\x0c\x61vailability\x18\x06 \x01(\x0e\x32\x1a.berth.v1.NodeAvailability\x12\"\n\x05state\x18\x07 \x01(\x0e\x32\x13.berth.v1.NodeState\x12\x15\n\rregistered_at\x18\x08 \x01(\x01\x12\x18\n\x10state_changed_at\x18\t \x01(\x01\x12\x17\n\x0fmetrics_address\x18\n \x01(\t\x12\x15\n\ragent_version\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*O\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x14\n\x10STRATEGY_BINPACK\x10\x01\x12\x13\n\x0fSTRATEGY_SPREAD\x10\x02*[\n\x0bNetworkMode\x12\x1c\n\x18NETWORK_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13NETWORK_MODE_BRIDGE\x10\x01\x12\x15\n\x11NETWORK_MODE_HOST\x10\x02*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*]\n\x0cOnDisconnect\x12\x1d\n\x19ON_DISCONNECT_UNSPECIFIED\x10\x00\x12\x16\n\x12ON_DISCONNECT_KEEP\x10\x01\x12\x16\n\x12ON_DISCONNECT_STOP\x10\x02*\x9a\x02\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x18\n\x14TASK_STATE_PREPARING\x10\x03\x12\x17\n\x13TASK_STATE_STARTING\x10\x04\x12\x16\n\x12TASK_STATE_RUNNING\x10\x05\x12\x17\n\x13TASK_STATE_COMPLETE\x10\x06\x12\x15\n\x11TASK_STATE_FAILED\x10\x07\x12\x17\n\x13TASK_STATE_SHUTDOWN\x10\x08\x12\x17\n\x13TASK_STATE_REJECTED\x10\t\x12\x13\n\x0fTASK_STATE_LOST\x10\n*R\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x13\n\x0fNODE_STATE_DOWN\x10\x02*\x8d\x01\n\x10NodeAvailability\x12!\n\x1dNODE_AVAILABILITY_UNSPECIFIED\x10\x00\x12\x1c\n\x18NODE_AVAILABILITY_ACTIVE\x10\x01\x12\x1b\n\x17NODE_AVAILABILITY_PAUSE\x10\x02\x12\x1b\n\x17NODE_AVAILABILITY_DRAIN\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICESPEC_ENVENTRY']._serialized_options = b'8\001'
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NETWORKMODE']._serialized_start=1839
-  _globals['_NETWORKMODE']._serialized_end=1930
-  _globals['_RESTARTPOLICY']._serialized_start=1933
-  _globals['_RESTARTPOLICY']._serialized_end=2064
-  _globals['_ONDISCONNECT']._serialized_start=2066
-  _globals['_ONDISCONNECT']._serialized_end=2159
-  _globals['_TASKSTATE']._serialized_start=2162
-  _globals['_TASKSTATE']._serialized_end=2444
-  _globals['_NODESTATE']._serialized_start=2446
-  _globals['_NODESTATE']._serialized_end=2528
-  _globals['_NODEAVAILABILITY']._serialized_start=2531
-  _globals['_NODEAVAILABILITY']._serialized_end=2672
+  _globals['_STRATEGY']._serialized_start=1931
+  _globals['_STRATEGY']._serialized_end=2010
+  _globals['_NETWORKMODE']._serialized_start=2012
+  _globals['_NETWORKMODE']._serialized_end=2103
+  _globals['_RESTARTPOLICY']._serialized_start=2106
+  _globals['_RESTARTPOLICY']._serialized_end=2237
+  _globals['_ONDISCONNECT']._serialized_start=2239
+  _globals['_ONDISCONNECT']._serialized_end=2332
+  _globals['_TASKSTATE']._serialized_start=2335
+  _globals['_TASKSTATE']._serialized_end=2617
+  _globals['_NODESTATE']._serialized_start=2619
+  _globals['_NODESTATE']._serialized_end=2701
+  _globals['_NODEAVAILABILITY']._serialized_start=2704
+  _globals['_NODEAVAILABILITY']._serialized_end=2845
   _globals['_RESOURCES']._serialized_start=47
   _globals['_RESOURCES']._serialized_end=199
   _globals['_RESOURCES_SCALARSENTRY']._serialized_start=153
@@ -56,21 +58,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PORTSPEC']._serialized_start=201
   _globals['_PORTSPEC']._serialized_end=272
   _globals['_CONSTRAINT']._serialized_start=274
-  _globals['_CONSTRAINT']._serialized_end=326
-  _globals['_SERVICESPEC']._serialized_start=329
-  _globals['_SERVICESPEC']._serialized_end=759
-  _globals['_SERVICESPEC_ENVENTRY']._serialized_start=717
-  _globals['_SERVICESPEC_ENVENTRY']._serialized_end=759
-  _globals['_SERVICE']._serialized_start=761
-  _globals['_SERVICE']._serialized_end=867
-  _globals['_PORTMAPPING']._serialized_start=869
-  _globals['_PORTMAPPING']._serialized_end=943
-  _globals['_TASK']._serialized_start=946
-  _globals['_TASK']._serialized_end=1221
-  _globals['_TASKSTATUS']._serialized_start=1224
-  _globals['_TASKSTATUS']._serialized_end=1472
-  _globals['_NODE']._serialized_start=1475
-  _globals['_NODE']._serialized_end=1837
-  _globals['_NODE_LABELSENTRY']._serialized_start=1792
-  _globals['_NODE_LABELSENTRY']._serialized_end=1837
+  _globals['_CONSTRAINT']._serialized_end=342
+  _globals['_SERVICESPEC']._serialized_start=345
+  _globals['_SERVICESPEC']._serialized_end=851
+  _globals['_SERVICESPEC_ENVENTRY']._serialized_start=809
+  _globals['_SERVICESPEC_ENVENTRY']._serialized_end=851
+  _globals['_SERVICE']._serialized_start=853
+  _globals['_SERVICE']._serialized_end=959
+  _globals['_PORTMAPPING']._serialized_start=961
+  _globals['_PORTMAPPING']._serialized_end=1035
+  _globals['_TASK']._serialized_start=1038
+  _globals['_TASK']._serialized_end=1313
+  _globals['_TASKSTATUS']._serialized_start=1316
+  _globals['_TASKSTATUS']._serialized_end=1564
+  _globals['_NODE']._serialized_start=1567
+  _globals['_NODE']._serialized_end=1929
+  _globals['_NODE_LABELSENTRY']._serialized_start=1884
+  _globals['_NODE_LABELSENTRY']._serialized_end=1929
 # @@protoc_insertion_point(module_scope)

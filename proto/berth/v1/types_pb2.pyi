@@ -21,6 +21,29 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Strategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STRATEGY_UNSPECIFIED: _Strategy.ValueType  # 0
+    """treated as BINPACK"""
+    STRATEGY_BINPACK: _Strategy.ValueType  # 1
+    """fill the fullest node that fits (fewer hosts carry the work)"""
+    STRATEGY_SPREAD: _Strategy.ValueType  # 2
+    """prefer the emptiest node"""
+
+class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper): ...
+
+STRATEGY_UNSPECIFIED: Strategy.ValueType  # 0
+"""treated as BINPACK"""
+STRATEGY_BINPACK: Strategy.ValueType  # 1
+"""fill the fullest node that fits (fewer hosts carry the work)"""
+STRATEGY_SPREAD: Strategy.ValueType  # 2
+"""prefer the emptiest node"""
+Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
+
 class _NetworkMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -270,20 +293,27 @@ class Constraint(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     OP_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     op: _builtins.str
-    """"==" or "!=" """
+    """"==", "!=" or "in" """
     value: _builtins.str
+    """for == and !="""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """for in"""
+
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         op: _builtins.str = ...,
         value: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "op", b"op", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "op", b"op", "value", b"value", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,6 +357,9 @@ class ServiceSpec(_message.Message):
     RESTART_FIELD_NUMBER: _builtins.int
     PIDS_LIMIT_FIELD_NUMBER: _builtins.int
     ON_DISCONNECT_FIELD_NUMBER: _builtins.int
+    MAX_PER_NODE_FIELD_NUMBER: _builtins.int
+    SPREAD_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     replicas: _builtins.int
@@ -335,6 +368,9 @@ class ServiceSpec(_message.Message):
     pids_limit: _builtins.int
     """0 = default (512)"""
     on_disconnect: Global___OnDisconnect.ValueType
+    max_per_node: _builtins.int
+    """0 = no limit on replicas of this service per node"""
+    strategy: Global___Strategy.ValueType
     @_builtins.property
     def resources(self) -> Global___Resources: ...
     @_builtins.property
@@ -346,6 +382,10 @@ class ServiceSpec(_message.Message):
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """args replaces the image's CMD (the image's ENTRYPOINT is kept), like `docker run IMAGE ARGS`."""
+
+    @_builtins.property
+    def spread(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """node label keys to spread replicas across (e.g. "zone")"""
 
     def __init__(
         self,
@@ -362,10 +402,13 @@ class ServiceSpec(_message.Message):
         restart: Global___RestartPolicy.ValueType = ...,
         pids_limit: _builtins.int = ...,
         on_disconnect: Global___OnDisconnect.ValueType = ...,
+        max_per_node: _builtins.int = ...,
+        spread: _abc.Iterable[_builtins.str] | None = ...,
+        strategy: Global___Strategy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "constraints", b"constraints", "env", b"env", "image", b"image", "name", b"name", "network", b"network", "on_disconnect", b"on_disconnect", "pids_limit", b"pids_limit", "ports", b"ports", "replicas", b"replicas", "resources", b"resources", "restart", b"restart"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "constraints", b"constraints", "env", b"env", "image", b"image", "max_per_node", b"max_per_node", "name", b"name", "network", b"network", "on_disconnect", b"on_disconnect", "pids_limit", b"pids_limit", "ports", b"ports", "replicas", b"replicas", "resources", b"resources", "restart", b"restart", "spread", b"spread", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

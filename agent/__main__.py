@@ -47,6 +47,19 @@ def parse_labels(labels: list[str]) -> dict[str, str]:
     return parsed
 
 
+def parse_resources(items: list[str]) -> dict[str, int]:
+    parsed = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError(f"{item!r} is not NAME=AMOUNT")
+            parsed[name] = parse_memory(amount)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--resource") from None
+    return parsed
+
+
 async def run(session: Session, manager: TaskManager) -> None:
     recovered = await manager.recover()
     stop = asyncio.Event()
@@ -70,6 +83,9 @@ def main(
     cpus: str = typer.Option("", help="CPU capacity to offer (e.g. 2 or 1500m). Default: detected."),
     memory: str = typer.Option("", help="Memory capacity to offer (e.g. 4Gi). Default: detected."),
     label: list[str] = typer.Option([], help="Node label KEY=VALUE; repeat for several."),
+    resource: list[str] = typer.Option(
+        [], help="Named resource this host offers NAME=AMOUNT (gpu=2, disk=100Gi)."
+    ),
     state_dir: Path = typer.Option(
         Path("/var/lib/berth/agent"), help="Where images, bundles and the node id live."
     ),
@@ -95,6 +111,7 @@ def main(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--memory") from None
     labels = parse_labels(label)
+    scalars = parse_resources(resource)
     state_dir.mkdir(parents=True, exist_ok=True)
     node_id = load_node_id(state_dir)
     runtime = RuncRuntime(
@@ -109,7 +126,7 @@ def main(
         node_id=node_id,
         name=name,
         address=address or capacity.detect_address(),
-        capacity=pb.Resources(cpu_millis=cpu_millis, memory_bytes=memory_bytes),
+        capacity=pb.Resources(cpu_millis=cpu_millis, memory_bytes=memory_bytes, scalars=scalars),
         labels=labels,
         version=VERSION,
     )

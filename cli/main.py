@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from berth.cli import dev, events, node, service
+from berth.cli import dev, events, node, plan, service
 from berth.cli.errors import CliError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.add_typer(service.app, name="service")
 app.add_typer(node.app, name="node")
 app.add_typer(dev.app, name="dev")
 app.command("events")(events.events)
+app.command("plan")(plan.plan)
 
 PASSTHROUGH = {
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},

@@ -13,11 +13,13 @@ from berth.cli.errors import CliError, InputError
 from berth.cli.render import OutputFormat, emit
 from berth.cli.spec import (
     ON_DISCONNECT,
+    STRATEGIES,
     load_file,
     parse_constraint,
     parse_env,
     parse_port,
     parse_replicas,
+    parse_resource,
     quantity,
 )
 from berth.cli.views import service_row, task_row
@@ -82,6 +84,18 @@ def create(
         "bridge", "--network", help="bridge (own namespace) or host (the host's stack)."
     ),
     restart: str = typer.Option("always", "--restart", help="always, on-failure or never."),
+    resource: list[str] = typer.Option(
+        [], "--resource", help="Named resource per replica NAME=AMOUNT (gpu=1, disk=10Gi); repeat."
+    ),
+    max_per_node: int = typer.Option(
+        0, "--max-per-node", help="At most this many replicas on one node (0: no limit)."
+    ),
+    spread: list[str] = typer.Option(
+        [], "--spread", help="Spread replicas across the values of this node label."
+    ),
+    strategy: str = typer.Option(
+        "binpack", "--strategy", help="binpack (fill fullest node) or spread (emptiest)."
+    ),
     on_disconnect: str = typer.Option(
         "keep",
         "--on-disconnect",
@@ -114,6 +128,14 @@ def create(
     if restart not in restarts:
         raise InputError(f"--restart: {restart!r} is not always, on-failure or never")
     spec.restart = restarts[restart]
+    for item in resource:
+        name, amount = parse_resource(item, "--resource")
+        spec.resources.scalars[name] = amount
+    spec.max_per_node = parse_replicas(max_per_node, "--max-per-node")
+    spec.spread.extend(spread)
+    if strategy not in STRATEGIES:
+        raise InputError(f"--strategy: {strategy!r} is not binpack or spread")
+    spec.strategy = STRATEGIES[strategy]
     if on_disconnect not in ON_DISCONNECT:
         raise InputError(f"--on-disconnect: {on_disconnect!r} is not keep or stop")
     spec.on_disconnect = ON_DISCONNECT[on_disconnect]

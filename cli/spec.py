@@ -30,7 +30,11 @@ FIELDS = (
     "restart",
     "pids_limit",
     "on_disconnect",
+    "max_per_node",
+    "spread",
+    "strategy",
 )
+STRATEGIES = {"binpack": pb.STRATEGY_BINPACK, "spread": pb.STRATEGY_SPREAD}
 ON_DISCONNECT = {"keep": pb.ON_DISCONNECT_KEEP, "stop": pb.ON_DISCONNECT_STOP}
 RESOURCE_FIELDS = ("cpu", "memory")
 PORT_FIELDS = ("container", "host", "protocol")
@@ -41,6 +45,7 @@ RESTARTS = {
     "never": pb.RESTART_POLICY_NEVER,
 }
 _PORT_RE = re.compile(r"^(?:(\d+):)?(\d+)(?:/(tcp|udp))?$")
+_IN_RE = re.compile(r"^\s*([^\s=!]+)\s+in\s*\((.*)\)\s*$")
 _CONSTRAINT_RE = re.compile(r"^\s*([^=!\s]+)\s*(==|!=)\s*(.+?)\s*$")
 
 
@@ -86,19 +91,41 @@ def parse_port(value: Any, field: str) -> pb.PortSpec:
 
 
 def parse_constraint(value: Any, field: str) -> pb.Constraint:
+    """``env==prod``, ``zone!=eu``, ``zone in (a, b)`` or ``{key, op, value | values}``."""
     if isinstance(value, Mapping):
-        try:
-            return pb.Constraint(
-                key=str(value["key"]), op=str(value.get("op", "==")), value=str(value["value"])
-            )
-        except KeyError as exc:
-            raise InputError(
-                f'{field}: missing {exc.args[0]!r}; use {{key, op, value}} or "key==value"'
-            ) from None
-    match = _CONSTRAINT_RE.match(str(value))
+        unknown = set(value) - {"key", "op", "value", "values"}
+        if unknown:
+            raise InputError(f"{field}: unknown field {sorted(unknown)[0]!r}; use key, op, value or values")
+        if "key" not in value:
+            raise InputError(f"{field}: missing 'key'; use {{key, op, value}} or \"key==value\"")
+        op = str(value.get("op", "in" if "values" in value else "=="))
+        if op == "in":
+            values = value.get("values")
+            if not isinstance(values, list) or not values:
+                raise InputError(f"{field}.values: op 'in' needs a non-empty list of values")
+            return pb.Constraint(key=str(value["key"]), op="in", values=[str(v) for v in values])
+        if "value" not in value:
+            raise InputError(f"{field}.value: op {op!r} needs a value")
+        return pb.Constraint(key=str(value["key"]), op=op, value=str(value["value"]))
+    text = str(value)
+    match = _IN_RE.match(text)
+    if match:
+        values = [v.strip() for v in match[2].split(",") if v.strip()]
+        if not values:
+            raise InputError(f"{field}: {text!r} lists no values; use e.g. zone in (a, b)")
+        return pb.Constraint(key=match[1], op="in", values=values)
+    match = _CONSTRAINT_RE.match(text)
     if not match:
-        raise InputError(f"{field}: cannot parse {value!r}; use KEY==VALUE or KEY!=VALUE, e.g. env==prod")
+        raise InputError(f"{field}: cannot parse {value!r}; use KEY==VALUE, KEY!=VALUE or KEY in (A, B)")
     return pb.Constraint(key=match[1], op=match[2], value=match[3])
+
+
+def parse_resource(item: str, field: str) -> tuple[str, int]:
+    """``gpu=2`` or ``disk=100Gi`` (named scalar resources; sizes are bytes)."""
+    name, sep, amount = item.partition("=")
+    if not sep or not name:
+        raise InputError(f"{field}: {item!r} is not NAME=AMOUNT, e.g. gpu=1 or disk=10Gi")
+    return name.strip(), quantity(f"{field} {name}", amount, parse_memory)
 
 
 def parse_env(items: list[str], field: str = "env") -> dict[str, str]:
@@ -114,10 +141,10 @@ def parse_env(items: list[str], field: str = "env") -> dict[str, str]:
 def _resources(value: Any) -> pb.Resources:
     if not isinstance(value, Mapping):
         raise InputError("resources: must be a mapping like {cpu: 250m, memory: 64Mi}")
-    unknown = set(value) - set(RESOURCE_FIELDS)
-    if unknown:
-        raise InputError(f"resources: unknown field {sorted(unknown)[0]!r}; use cpu, memory")
     res = pb.Resources()
+    for name, amount in value.items():  # anything but cpu and memory is a named scalar resource
+        if name not in RESOURCE_FIELDS:
+            res.scalars[str(name)] = quantity(f"resources.{name}", amount, parse_memory)
     if "cpu" in value:
         res.cpu_millis = quantity("resources.cpu", value["cpu"], parse_cpu)
     if "memory" in value:
@@ -170,6 +197,16 @@ def from_mapping(data: Any, source: str = "spec") -> pb.ServiceSpec:
         spec.restart = _choice("restart", data["restart"], RESTARTS)  # type: ignore[assignment]
     if "on_disconnect" in data:
         spec.on_disconnect = _choice("on_disconnect", data["on_disconnect"], ON_DISCONNECT)  # type: ignore[assignment]
+    if "max_per_node" in data:
+        spec.max_per_node = parse_replicas(data["max_per_node"], "max_per_node")
+    if "spread" in data:
+        spread = data["spread"]
+        spread = [spread] if isinstance(spread, str) else spread
+        if not isinstance(spread, list):
+            raise InputError("spread: must be a label key or a list of label keys, e.g. zone")
+        spec.spread.extend(str(k) for k in spread)
+    if "strategy" in data:
+        spec.strategy = _choice("strategy", data["strategy"], STRATEGIES)  # type: ignore[assignment]
     if "pids_limit" in data:
         spec.pids_limit = parse_replicas(data["pids_limit"], "pids_limit")
     return spec

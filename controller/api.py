@@ -105,6 +105,10 @@ class ClusterService(cluster_pb2_grpc.ClusterAPIServicer):
         await self.cluster.remove_node(request.node)
         return cluster_pb2.RemoveNodeResponse()
 
+    @_translating
+    async def Plan(self, request: cluster_pb2.PlanRequest, context: Any) -> Any:
+        return self.cluster.plan(request.specs)
+
     async def WatchEvents(self, request: cluster_pb2.WatchEventsRequest, context: Any) -> Any:
         queue = self.cluster.events.subscribe()
         try:

@@ -28,8 +28,8 @@ from berth.controller.errors import (
 )
 from berth.controller.events import EventBus
 from berth.controller.nodes import AT_MOST_ONE_MARGIN, Liveness
-from berth.controller.reconciler import Replacement, plan_replacements, reconcile
-from berth.controller.scheduler import schedule
+from berth.controller.planning import Snapshot, needs_new_tasks, preview, scheduling_step
+from berth.controller.reconciler import Replacement, reconcile
 from berth.controller.state import ClusterState, running_count
 from berth.controller.store import ConflictError, Op, Put, Store, StoreError
 from berth.controller.validation import SpecError, validate_spec
@@ -195,7 +195,9 @@ class Cluster:
             stored = self.state.services.get(spec.name)
             if stored is not None and stored.value.spec == spec:
                 return stored.value, False, False
-            service = await self._put_service(spec, previous=stored.value if stored else None)
+            previous = stored.value if stored else None
+            bump = previous is None or needs_new_tasks(previous.spec, spec)
+            service = await self._put_service(spec, previous=previous, bump_generation=bump)
         kind = "service-created" if stored is None else "service-updated"
         self.events.publish(
             kind, f"generation {service.generation}, {spec.replicas} replicas", service=spec.name
@@ -559,35 +561,45 @@ class Cluster:
                 )
         await self._commit(ops)
 
-    async def _schedule(self, now: float) -> None:
-        """Place pending tasks and replacements for tasks on down or draining nodes, in one plan."""
-        pending = {
-            s.value.id: (key, s.value)
-            for key, s in sorted(
-                self.state.tasks.items(), key=lambda kv: (kv[1].value.service, kv[1].value.slot)
-            )
-            if not s.value.node_id and s.value.desired_state == pb.TASK_STATE_RUNNING
-        }
-        replacements: dict[str, tuple[Replacement, pb.Task]] = {}
-        for r in plan_replacements(
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            services={n: s.value for n, s in self.state.services.items()},
             tasks={k: s.value for k, s in self.state.tasks.items()},
             nodes={nid: s.value for nid, s in self.state.nodes.items()},
-            services={n: s.value for n, s in self.state.services.items()},
+            retiring=[s.value for s in self.state.retiring.values()],
+        )
+
+    def plan(self, specs: Sequence[pb.ServiceSpec]) -> cluster_pb2.PlanResponse:
+        """What applying ``specs`` would do now; changes nothing (``berth plan``)."""
+        names = set()
+        for spec in specs:
+            self._validate(spec)
+            if spec.name in names:
+                raise InvalidError(f"name: service {spec.name!r} appears twice in the plan")
+            names.add(spec.name)
+        return preview(
+            self.snapshot(),
+            specs,
+            now=self.clock(),
+            task_key=self.keys.task,
             silent_for=self.liveness.silent_for,
             deadline=self.liveness.deadline,
             margin=self.margin,
-        ):
-            fresh = placement.replacement_for(r.old, _new_task_id(r.old.service, r.old.slot), now)
-            replacements[fresh.id] = (r, fresh)
-        if not pending and not replacements:
+        )
+
+    async def _schedule(self, now: float) -> None:
+        """Place pending tasks and replacements for tasks on down or draining nodes, in one plan."""
+        step = scheduling_step(
+            self.snapshot(),
+            silent_for=self.liveness.silent_for,
+            deadline=self.liveness.deadline,
+            margin=self.margin,
+            now=now,
+            new_id=_new_task_id,
+        )
+        if step.plan is None:
             return
-        by_node = self.state.tasks_by_node()
-        nodes = [
-            placement.node_info(s.value, by_node.get(nid, [])) for nid, s in sorted(self.state.nodes.items())
-        ]
-        requests = [placement.task_request(t) for _, t in pending.values()]
-        requests += [placement.task_request(fresh) for _, fresh in replacements.values()]
-        plan = schedule(nodes, requests)
+        plan, pending, replacements = step.plan, step.pending, step.replacements
         ops: list[Op] = []
         moved: list[tuple[Replacement, pb.Task]] = []
         for p in plan.placements:

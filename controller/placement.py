@@ -16,6 +16,7 @@ from berth.controller.scheduler import (
     Placement,
     PortRequest,
     Resources,
+    Strategy,
     TaskRequest,
 )
 from berth.proto.berth.v1 import types_pb2 as pb
@@ -85,7 +86,12 @@ def task_request(task: pb.Task) -> TaskRequest:
             )
             for p in spec.ports
         ),
-        constraints=tuple(Constraint(key=c.key, op=c.op, value=c.value) for c in spec.constraints),
+        constraints=tuple(
+            Constraint(key=c.key, op=c.op, value=c.value, values=tuple(c.values)) for c in spec.constraints
+        ),
+        max_per_node=spec.max_per_node,
+        spread=tuple(spec.spread),
+        strategy=Strategy.SPREAD if spec.strategy == pb.STRATEGY_SPREAD else Strategy.BINPACK,
     )
 
 

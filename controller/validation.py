@@ -1,9 +1,10 @@
 """Service spec validation: the first problem found, naming the field and how to fix it.
 
 ``validate_spec(spec)`` checks, in this order: name, image, replicas, resources, ports, env,
-constraints, pids_limit, and raises :class:`SpecError` for the first problem. Field paths follow
-the protobuf field names: ``ports[1].container_port``, ``constraints[0].op``, ``env.FOO-BAR``,
-``resources.memory_bytes``, ``resources.scalars.gpu``. Map keys are checked in sorted order so the
+constraints, pids_limit, max_per_node, spread, strategy, and raises :class:`SpecError` for the
+first problem. Field paths follow the protobuf field names: ``ports[1].container_port``,
+``constraints[0].op``, ``constraints[0].values[1]``, ``env.FOO-BAR``, ``resources.memory_bytes``,
+``resources.scalars.gpu``, ``spread[0]``. Map keys are checked in sorted order so the
 first problem is the same on every run.
 
 Errors: ``SpecError`` is an ``InvalidError`` (so the API maps it to INVALID_ARGUMENT) and a
@@ -25,7 +26,9 @@ MIN_MEMORY_BYTES = 4 * 1024 * 1024
 """runc cannot start a container with a smaller memory limit."""
 MAX_PORT = 65_535
 PROTOCOLS = ("tcp", "udp")
-CONSTRAINT_OPS = ("==", "!=")
+CONSTRAINT_OPS = ("==", "!=", "in")
+MAX_PER_NODE = 10_000
+STRATEGIES = (types_pb2.STRATEGY_UNSPECIFIED, types_pb2.STRATEGY_BINPACK, types_pb2.STRATEGY_SPREAD)
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DOMAIN_PART = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -66,6 +69,9 @@ def validate_spec(spec: types_pb2.ServiceSpec) -> None:
     _check_env(spec.env)
     _check_constraints(spec.constraints)
     _check_pids_limit(spec.pids_limit)
+    _check_max_per_node(spec.max_per_node)
+    _check_spread(spec.spread)
+    _check_strategy(spec.strategy)
 
 
 def _check_name(name: str) -> None:
@@ -172,18 +178,56 @@ def _check_constraints(constraints: Sequence[types_pb2.Constraint]) -> None:
         path = f"constraints[{i}]"
         if not constraint.key:
             raise SpecError(f"{path}.key", "required; name a node label, e.g. 'env'")
-        if not LABEL_KEY_RE.fullmatch(constraint.key):
-            raise SpecError(
-                f"{path}.key",
-                f"{constraint.key!r} is not a valid label key; use letters, digits, '_', '.', '/', '-', "
-                "starting with a letter or digit",
-            )
+        _check_label_key(f"{path}.key", constraint.key)
         if constraint.op not in CONSTRAINT_OPS:
-            raise SpecError(f"{path}.op", f"must be '==' or '!=', got {constraint.op!r}")
-        if not constraint.value:
+            raise SpecError(f"{path}.op", f"must be '==', '!=' or 'in', got {constraint.op!r}")
+        if constraint.op == "in":
+            _check_in_values(path, constraint.values)
+        elif not constraint.value:
             raise SpecError(f"{path}.value", "required; the label value to compare with, e.g. 'prod'")
+
+
+def _check_in_values(path: str, values: Sequence[str]) -> None:
+    if not values:
+        raise SpecError(
+            f"{path}.values", "required with op 'in'; list the accepted label values, e.g. [a, b]"
+        )
+    for j, value in enumerate(values):
+        if not value:
+            raise SpecError(f"{path}.values[{j}]", "must not be empty; list label values, e.g. 'a'")
+
+
+def _check_label_key(field: str, key: str) -> None:
+    if not LABEL_KEY_RE.fullmatch(key):
+        raise SpecError(
+            field,
+            f"{key!r} is not a valid label key; use letters, digits, '_', '.', '/', '-', "
+            "starting with a letter or digit",
+        )
 
 
 def _check_pids_limit(pids_limit: int) -> None:
     if pids_limit < 0:
         raise SpecError("pids_limit", f"must be 0 (the default, 512) or positive, got {pids_limit}")
+
+
+def _check_max_per_node(max_per_node: int) -> None:
+    if not 0 <= max_per_node <= MAX_PER_NODE:
+        raise SpecError("max_per_node", f"must be 0 (no limit) or at most {MAX_PER_NODE}, got {max_per_node}")
+
+
+def _check_spread(spread: Sequence[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, key in enumerate(spread):
+        field = f"spread[{i}]"
+        if not key:
+            raise SpecError(field, "must not be empty; name a node label to spread across, e.g. 'zone'")
+        _check_label_key(field, key)
+        if key in seen:
+            raise SpecError(field, f"{key!r} is already listed at spread[{seen[key]}]; list each label once")
+        seen[key] = i
+
+
+def _check_strategy(strategy: int) -> None:
+    if strategy not in STRATEGIES:
+        raise SpecError("strategy", f"must be BINPACK or SPREAD (or unset for BINPACK), got {strategy}")

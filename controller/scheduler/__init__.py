@@ -2,11 +2,12 @@
 
 No I/O, no clock, no protobuf: the controller converts its stored messages to the values of
 :mod:`.model`, calls :func:`schedule`, and converts the :class:`Plan` back. See :mod:`.core` for
-the flow, :mod:`.filters` for feasibility and reason codes, :mod:`.scoring` for the ranking rule
+the flow (and :func:`explain`, the per-node verdicts for ``berth plan``), :mod:`.filters` for
+feasibility and reason codes, :mod:`.scoring` for the ranking rule
 and :mod:`.ports` for host port allocation.
 """
 
-from .core import DEFAULT_DYNAMIC_PORTS, schedule
+from .core import DEFAULT_DYNAMIC_PORTS, explain, schedule
 from .filters import (
     REASON_INSUFFICIENT_CPU,
     REASON_INSUFFICIENT_MEMORY,
@@ -17,17 +18,20 @@ from .filters import (
     REASON_NODE_PAUSED,
     REASON_PORT_CONFLICT,
     constraint_reason,
+    max_per_node_reason,
     scalar_reason,
 )
 from .model import (
     Availability,
     Constraint,
     NodeInfo,
+    NodeVerdict,
     Pending,
     Placement,
     Plan,
     PortRequest,
     Resources,
+    Strategy,
     TaskRequest,
 )
 
@@ -44,13 +48,17 @@ __all__ = [
     "Availability",
     "Constraint",
     "NodeInfo",
+    "NodeVerdict",
     "Pending",
     "Placement",
     "Plan",
     "PortRequest",
     "Resources",
+    "Strategy",
     "TaskRequest",
     "constraint_reason",
+    "explain",
+    "max_per_node_reason",
     "scalar_reason",
     "schedule",
 ]

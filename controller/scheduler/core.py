@@ -4,12 +4,15 @@ The flow for each task, in the given order:
 
     filters.run_filters  -> checks (reason, passing mask) over every node
     filters.feasible     -> candidate nodes
-    scoring.choose       -> best fit, then spread, then seeded tie-break
+    scoring.choose       -> label spread, load (strategy), own spread, seeded tie-break
     ports.allocate + NodeTable.commit -> the working copy sees the placement
 
 or, with no candidate, a :class:`Pending` whose reason counts each node under its first failing
 filter. Nothing here does I/O, reads a clock or draws unseeded randomness: the same input gives
 the same plan. The controller's plan applier re-checks the plan against fresh state.
+
+:func:`explain` runs the same filters and rankers for one task and reports on every node, for
+``berth plan``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 from . import filters, scoring
-from .model import NodeInfo, NodeTable, Pending, Placement, Plan, TaskRequest
+from .model import IntArray, NodeInfo, NodeTable, NodeVerdict, Pending, Placement, Plan, TaskRequest
 from .ports import PortBook
 
 DEFAULT_DYNAMIC_PORTS = (30000, 32767)
@@ -46,6 +49,37 @@ def schedule(
     return Plan(placements=tuple(placements), pending=tuple(pending))
 
 
+def explain(
+    nodes: Sequence[NodeInfo],
+    task: TaskRequest,
+    *,
+    dynamic_ports: tuple[int, int] = DEFAULT_DYNAMIC_PORTS,
+    seed: int = 0,
+) -> tuple[NodeVerdict, ...]:
+    """What :func:`schedule` would make of ``task`` alone on ``nodes``: a verdict per node, in
+    input order, with the first failing filter's reason, the load score and the rank."""
+    run = _Run(nodes, [task], dynamic_ports=dynamic_ports, seed=seed)
+    request = run.request(task)
+    checks = filters.run_filters(run.table, run.ports, task, request)
+    reasons = filters.first_failures(run.table.size, checks)
+    rows = np.flatnonzero(filters.feasible(run.table.size, checks))
+    ranked = scoring.order(run.table, rows, request, task)
+    scores = dict(
+        zip(rows.tolist(), scoring.load_scores(run.table, rows, request, task).tolist(), strict=True)
+    )
+    ranks = {row: rank for rank, row in enumerate(ranked.tolist(), start=1)}
+    return tuple(
+        NodeVerdict(
+            node_id=node_id,
+            feasible=not reasons[row],
+            reason=reasons[row],
+            score=scores.get(row, 0.0),
+            rank=ranks.get(row, 0),
+        )
+        for row, node_id in enumerate(run.table.ids)
+    )
+
+
 class _Run:
     """The working state of one schedule() call."""
 
@@ -66,15 +100,20 @@ class _Run:
         known = self._known_unplaceable(task)
         if known is not None:
             return known
-        request = np.maximum(self.table.vector(task.resources), 0)  # a negative request frees nothing
+        request = self.request(task)
         checks = filters.run_filters(self.table, self.ports, task, request)
         rows = np.flatnonzero(filters.feasible(self.table.size, checks))
         if rows.size == 0:
             return self._pending(task, checks)
-        row = scoring.choose(self.table, rows, request, task.service, task.task_id)
+        row = scoring.choose(self.table, rows, request, task)
         mapped = self.ports.allocate(row, task.ports)
         self.table.commit(row, request, task.service)
         return Placement(task_id=task.task_id, node_id=self.table.ids[row], ports=mapped)
+
+    def request(self, task: TaskRequest) -> IntArray:
+        """The task's request as a row of the table; a negative request frees nothing."""
+        request: IntArray = np.maximum(self.table.vector(task.resources), 0)
+        return request
 
     def _pending(self, task: TaskRequest, checks: Sequence[filters.Check]) -> Pending:
         counts = filters.rejections(self.table.size, checks)
@@ -96,7 +135,9 @@ class _Run:
 
 
 def _shape(task: TaskRequest) -> Hashable:
-    """What feasibility depends on: resources, ports and constraints (not id, service or slot)."""
+    """What feasibility depends on: resources, ports, constraints, and the service when it has a
+    per-node limit (not id or slot)."""
     resources = task.resources
     scalars = tuple(sorted(resources.scalars.items()))
-    return (resources.cpu_millis, resources.memory_bytes, scalars, task.ports, task.constraints)
+    limit = (task.service, task.max_per_node) if task.max_per_node > 0 else None
+    return (resources.cpu_millis, resources.memory_bytes, scalars, task.ports, task.constraints, limit)

@@ -2,12 +2,14 @@
 
 Each filter is a small named function ``(table, ports, task, request) -> list[Check]``; a
 :data:`Check` is a reason code with the mask of nodes that *pass* it. :data:`FILTERS` runs them
-in a fixed order (ready, availability, constraints, ports, cpu, memory, scalars), and a node that
+in a fixed order (ready, availability, constraints, max per node, ports, cpu, memory, scalars),
+and a node that
 fails several is counted only under the first, as Kubernetes does, so a pending task reads
 ``0/5 nodes available: 3 insufficient memory, 2 constraint env==prod not met``.
 
-Reason codes are the constants below, plus two families built by functions:
-:func:`constraint_reason` (``constraint env==prod not met``) and :func:`scalar_reason`
+Reason codes are the constants below, plus three families built by functions:
+:func:`constraint_reason` (``constraint env==prod not met``, ``constraint zone in (a,b) not met``),
+:func:`max_per_node_reason` (``at max 1 replica(s) of web per node``) and :func:`scalar_reason`
 (``insufficient gpu``).
 """
 
@@ -41,6 +43,11 @@ def constraint_reason(constraint: Constraint) -> str:
     return f"constraint {constraint} not met"
 
 
+def max_per_node_reason(service: str, limit: int) -> str:
+    """Reason code for a node that already holds ``limit`` replicas of ``service``."""
+    return f"at max {limit} replica(s) of {service} per node"
+
+
 def scalar_reason(name: str) -> str:
     """Reason code for a node without enough of scalar resource ``name``."""
     return f"insufficient {name}"
@@ -59,6 +66,17 @@ def node_active(table: NodeTable, ports: PortBook, task: TaskRequest, request: I
 def constraints_met(table: NodeTable, ports: PortBook, task: TaskRequest, request: IntArray) -> list[Check]:
     """The node's labels meet every constraint of the task, checked in the task's order."""
     return [(constraint_reason(c), table.constraint_mask(c)) for c in task.constraints]
+
+
+def below_max_per_node(
+    table: NodeTable, ports: PortBook, task: TaskRequest, request: IntArray
+) -> list[Check]:
+    """The node holds fewer than ``max_per_node`` replicas of the service (placements of this
+    call included); no check when the task sets no limit."""
+    if task.max_per_node <= 0:
+        return []
+    below = table.service_counts(task.service) < task.max_per_node
+    return [(max_per_node_reason(task.service, task.max_per_node), below)]
 
 
 def host_ports_free(table: NodeTable, ports: PortBook, task: TaskRequest, request: IntArray) -> list[Check]:
@@ -106,6 +124,7 @@ FILTERS: tuple[Filter, ...] = (
     node_ready,
     node_active,
     constraints_met,
+    below_max_per_node,
     host_ports_free,
     dynamic_ports_free,
     cpu_fits,
@@ -120,6 +139,21 @@ def run_filters(table: NodeTable, ports: PortBook, task: TaskRequest, request: I
     return [check for f in FILTERS for check in f(table, ports, task, request)]
 
 
+def first_failing(size: int, checks: Sequence[Check]) -> IntArray:
+    """Per node, the index in ``checks`` of its first failing check, or -1 when it passes them all."""
+    first = np.full(size, -1, dtype=np.int64)
+    remaining = np.ones(size, dtype=np.bool_)
+    for i, (_, passing) in enumerate(checks):
+        first[remaining & ~passing] = i
+        remaining &= passing
+    return first
+
+
+def first_failures(size: int, checks: Sequence[Check]) -> list[str]:
+    """Per node, the reason code of its first failing check, or ``""`` when it passes them all."""
+    return [checks[i][0] if i >= 0 else "" for i in first_failing(size, checks).tolist()]
+
+
 def feasible(size: int, checks: Sequence[Check]) -> BoolArray:
     """Nodes that pass every check."""
     mask = np.ones(size, dtype=np.bool_)
@@ -131,12 +165,11 @@ def feasible(size: int, checks: Sequence[Check]) -> BoolArray:
 def rejections(size: int, checks: Sequence[Check]) -> Mapping[str, int]:
     """Reason code -> number of nodes whose first failing check has that code."""
     counts: dict[str, int] = {}
-    remaining = np.ones(size, dtype=np.bool_)
-    for reason, passing in checks:
-        failed = int(np.count_nonzero(remaining & ~passing))
-        if failed:
-            counts[reason] = counts.get(reason, 0) + failed
-        remaining &= passing
+    first = first_failing(size, checks)
+    indexes, failed = np.unique(first[first >= 0], return_counts=True)
+    for i, count in zip(indexes.tolist(), failed.tolist(), strict=True):
+        reason = checks[i][0]
+        counts[reason] = counts.get(reason, 0) + count
     return MappingProxyType(counts)
 
 

@@ -41,6 +41,15 @@ class Availability(Enum):
     """Running tasks are moved away; no new tasks are placed."""
 
 
+class Strategy(Enum):
+    """How a service's tasks rank the feasible nodes by their load."""
+
+    BINPACK = "binpack"
+    """Best fit: the node the task fills most tightly, so fewer hosts carry the work (default)."""
+    SPREAD = "spread"
+    """Emptiest first: the node with the lowest mean ``(allocated + request) / capacity``."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Resources:
     """A request (per task), a capacity or an allocation (per node).
@@ -96,16 +105,23 @@ class PortRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Constraint:
-    """Placement restricted to nodes whose label ``key`` is (``==``) or is not (``!=``) ``value``.
+    """Placement restricted by node label ``key``.
 
-    A node without the label fails ``==`` and passes ``!=``.
+    ``==`` / ``!=``: the label is / is not ``value``; ``in``: the label is one of ``values``.
+    A node without the label fails ``==`` and ``in`` and passes ``!=``. Any other op fails
+    everywhere (validation keeps such specs out).
     """
 
     key: str
     op: str
-    value: str
+    value: str = ""
+    """The label value compared with by ``==`` and ``!=`` (ignored by ``in``)."""
+    values: tuple[str, ...] = ()
+    """The label values accepted by ``in`` (ignored by ``==`` and ``!=``)."""
 
     def __str__(self) -> str:
+        if self.op == "in":
+            return f"{self.key} in ({','.join(self.values)})"
         return f"{self.key}{self.op}{self.value}"
 
 
@@ -137,6 +153,13 @@ class TaskRequest:
     resources: Resources = field(default_factory=Resources)
     ports: tuple[PortRequest, ...] = ()
     constraints: tuple[Constraint, ...] = ()
+    max_per_node: int = 0
+    """At most this many replicas of ``service`` on one node (0 = no limit)."""
+    spread: tuple[str, ...] = ()
+    """Node label keys whose values the service's replicas are spread evenly across, in order of
+    precedence (a node without the label is in the domain ``""``)."""
+    strategy: Strategy = Strategy.BINPACK
+    """How feasible nodes are ranked by load."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +181,20 @@ class Pending:
     """Human text, e.g. ``0/5 nodes available: 3 insufficient memory, 2 constraint env==prod not met``."""
     rejections: Mapping[str, int] = field(default_factory=_empty_mapping)
     """Reason code -> number of nodes rejected for it (first failing filter only)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeVerdict:
+    """What :func:`berth.controller.scheduler.explain` says about one node for one task."""
+
+    node_id: str
+    feasible: bool
+    reason: str = ""
+    """The first failing filter's reason code (as counted in :attr:`Pending.rejections`), or ``""``."""
+    score: float = 0.0
+    """The load score the task's strategy ranks by (higher is better; 0.0 when not feasible)."""
+    rank: int = 0
+    """1 for the node :func:`schedule` would choose, 2 for the next, ...; 0 when not feasible."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,6 +267,8 @@ class NodeTable:
         self._constraint_masks: dict[Constraint, BoolArray] = {}
         self._service_index = _index_service_counts(nodes)
         self._service_counts: dict[str, IntArray] = {}
+        self._domains: dict[str, IntArray] = {}
+        self._domain_counts: dict[str, dict[str, IntArray]] = {}
 
     @classmethod
     def build(cls, nodes: Sequence[NodeInfo], tasks: Sequence[TaskRequest], *, seed: int) -> NodeTable:
@@ -274,6 +313,29 @@ class NodeTable:
             self._service_counts[service] = counts
         return counts
 
+    def domains(self, key: str) -> IntArray:
+        """A code per node for its value of label ``key`` (a missing label is the value ``""``)."""
+        codes = self._domains.get(key)
+        if codes is None:
+            _, inverse = np.unique(
+                np.array([labels.get(key, "") for labels in self._labels], dtype=np.str_),
+                return_inverse=True,
+            )
+            codes = np.asarray(inverse, dtype=np.int64).reshape(self.size)
+            self._domains[key] = codes
+        return codes
+
+    def domain_counts(self, service: str, key: str) -> IntArray:
+        """Replicas of ``service`` per value of label ``key``, indexed by :meth:`domains` code,
+        including those placed in this call."""
+        by_key = self._domain_counts.setdefault(service, {})
+        counts = by_key.get(key)
+        if counts is None:
+            codes = self.domains(key)
+            counts = np.bincount(codes, weights=self.service_counts(service), minlength=1).astype(np.int64)
+            by_key[key] = counts
+        return counts
+
     def free(self, column: int) -> IntArray:
         """Free amount of dimension ``column`` on every node (negative when over-committed)."""
         free: IntArray = self.capacity[column] - self.allocated[column]
@@ -283,6 +345,8 @@ class NodeTable:
         """Record a task of ``service`` asking for ``request`` as placed on node ``row``."""
         self.allocated[:, row] += request
         self.service_counts(service)[row] += 1
+        for key, counts in self._domain_counts.get(service, {}).items():
+            counts[self._domains[key][row]] += 1
         self.version += 1
 
     def _matrix(self, columns: Sequence[Resources]) -> IntArray:
@@ -300,6 +364,9 @@ class NodeTable:
         if values is None:
             values = np.array([labels.get(constraint.key) for labels in self._labels], dtype=np.object_)
             self._label_values[constraint.key] = values
+        if constraint.op == "in":
+            accepted = frozenset(constraint.values)
+            return np.array([value in accepted for value in values], dtype=np.bool_)
         equal: BoolArray = np.asarray(values == constraint.value, dtype=np.bool_).reshape(self.size)
         if constraint.op == "==":
             return equal

@@ -1,40 +1,74 @@
 """Ranking: which feasible node a task goes to.
 
-Nodes are ranked lexicographically by three named scorers; each later one only breaks the ties
-of the ones before it:
+Nodes are ranked lexicographically by named rankers; each later one only breaks the ties of the
+ones before it. Every ranker gives a key per node, lower is better:
 
-1. **Best fit** (:func:`fit_scores`, higher is better): the mean, over cpu, memory and every
-   scalar the task requests, of ``(allocated - own + request) / capacity``, where ``own`` is
-   ``replicas of this service already on the node x request``. Dimensions with zero capacity are
-   left out (a feasible node has capacity wherever the task has a request). This is best-fit
-   bin-packing: the task goes where it fills the free shape most tightly, so small tasks fill
-   gaps in busy nodes and large free nodes stay free for large tasks.
-2. **Spread** (:func:`spread_counts`, lower is better): among nodes whose fit is equal (within
-   :data:`FIT_TOLERANCE`), the one with fewest replicas of the same service.
-3. **Seeded tie-break** (:func:`tie_keys`, lower is better): a 64-bit hash of
-   ``(seed, node id, task id)``, stable across processes; never input order, never ``hash()``.
+1. **Label spread** (:func:`domain_counts`, one ranker per key of ``task.spread``, in order):
+   replicas of the service in the node's label domain (all nodes with the same value of that
+   label, placements of this call included; no label is the domain ``""``). Like Swarm's spread
+   preference or Nomad's spread at full weight, it outranks load: 6 replicas over zones ``a``
+   (2 nodes) and ``b`` (1 node) land 3 and 3.
+2. **Load** (:func:`load_scores`, higher score is better), by ``task.strategy``:
 
-Why subtract ``own``: with plain best fit, a service's own replicas make a node look fuller, so
-identical replicas on identical nodes would pile onto one node. Fit measured *without this
-service's replicas* is the same on nodes that differ only in how many of them they hold, so the
-spread scorer decides there (6 replicas on 3 identical nodes land 2/2/2), while load from other
-services still drives packing. ``own`` assumes the replicas already on a node asked for what this
-task asks for (true within one spec generation); it is clipped so a node never looks emptier than
-empty.
+   - ``BINPACK`` (:func:`fit_scores`): the mean, over cpu, memory and every scalar the task
+     requests, of ``(allocated - own + request) / capacity``, where ``own`` is ``replicas of this
+     service already on the node x request``. Dimensions with zero capacity are left out (a
+     feasible node has capacity wherever the task has a request). Best-fit bin packing: the task
+     goes where it fills the free shape most tightly, so small tasks fill gaps in busy nodes and
+     large free nodes stay free for large tasks.
+   - ``SPREAD`` (:func:`emptiness_scores`): ``1 -`` the mean of ``(allocated + request) /
+     capacity`` over the same dimensions: the emptiest node wins.
+
+   Scores are rounded to :data:`SCORE_DECIMALS` decimals, so scores that differ only by float
+   noise are equal and the next ranker decides.
+3. **Own spread** (:func:`spread_counts`): the node with fewest replicas of the same service.
+4. **Seeded tie-break** (:func:`tie_keys`): a 64-bit hash of ``(seed, node id, service, slot)``,
+   stable across processes; never input order, never ``hash()``, never the task id (a plan and
+   its later apply give the same slot different task ids and must pick the same node).
+
+Why subtract ``own`` when bin-packing: with plain best fit, a service's own replicas make a node
+look fuller, so identical replicas on identical nodes would pile onto one node. Fit measured
+*without this service's replicas* is the same on nodes that differ only in how many of them they
+hold, so own spread decides there (6 replicas on 3 identical nodes land 2/2/2), while load from
+other services still drives packing. ``own`` assumes the replicas already on a node asked for what
+this task asks for (true within one spec generation); it is clipped so a node never looks emptier
+than empty. ``SPREAD`` needs no such correction: its own replicas make a node look fuller, which is
+what spreading wants.
+
+:func:`choose` narrows the candidates ranker by ranker (cheap: later keys are computed only for
+the nodes still tied); :func:`order` sorts all candidates by the same rankers for ``explain``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
+import numpy.typing as npt
 
-from .model import CPU_DIM, MEMORY_DIM, FloatArray, HashArray, IntArray, NodeTable, mix64, stable_hash
+from .model import (
+    CPU_DIM,
+    MEMORY_DIM,
+    FloatArray,
+    HashArray,
+    IntArray,
+    NodeTable,
+    Strategy,
+    TaskRequest,
+    mix64,
+    stable_hash,
+)
 
-FIT_TOLERANCE = 1e-9
-"""Fit scores closer than this are equal, and spread decides."""
+SCORE_DECIMALS = 9
+"""Load scores are compared after rounding to this many decimals."""
+
+Key = npt.NDArray[np.int64] | npt.NDArray[np.uint64] | npt.NDArray[np.float64]
+Ranker = Callable[[IntArray], Key]
+"""Keys (lower is better) for the candidate nodes ``rows`` of one task."""
 
 
 def scored_columns(request: IntArray) -> list[int]:
-    """Columns the fit is measured on: cpu, memory and every scalar the task requests."""
+    """Columns the load is measured on: cpu, memory and every scalar the task requests."""
     scalars = np.flatnonzero(request[MEMORY_DIM + 1 :] > 0) + MEMORY_DIM + 1
     return [CPU_DIM, MEMORY_DIM, *scalars.tolist()]
 
@@ -44,18 +78,43 @@ def fit_scores(table: NodeTable, rows: IntArray, request: IntArray, own_counts: 
 
     ``own_counts`` holds the replicas of the task's service on each of ``rows``.
     """
+    return _mean_load(table, rows, request, own_counts)
+
+
+def emptiness_scores(table: NodeTable, rows: IntArray, request: IntArray) -> FloatArray:
+    """``1 -`` mean load after placing the task, per node in ``rows`` (higher is emptier)."""
+    scores: FloatArray = 1.0 - _mean_load(table, rows, request, None)
+    return scores
+
+
+def load_scores(table: NodeTable, rows: IntArray, request: IntArray, task: TaskRequest) -> FloatArray:
+    """The score ``task.strategy`` ranks nodes by (higher is better)."""
+    if task.strategy is Strategy.SPREAD:
+        return emptiness_scores(table, rows, request)
+    return fit_scores(table, rows, request, spread_counts(table, rows, task.service))
+
+
+def _mean_load(
+    table: NodeTable, rows: IntArray, request: IntArray, own_counts: IntArray | None
+) -> FloatArray:
     total = np.zeros(rows.size)
     dimensions = np.zeros(rows.size, dtype=np.int64)
-    subtract_own = bool(own_counts.any())
+    subtract_own = own_counts is not None and bool(own_counts.any())
     for column in scored_columns(request):
         wanted = int(request[column])
         used = table.allocated[column][rows]
-        if subtract_own and wanted:
+        if subtract_own and wanted and own_counts is not None:
             used = np.maximum(used - own_counts * wanted, 0)
         total += (used + wanted) * table.inverse_capacity[column][rows]
         dimensions += table.capacity[column][rows] > 0
     scores: FloatArray = total / np.maximum(dimensions, 1)
     return scores
+
+
+def domain_counts(table: NodeTable, rows: IntArray, service: str, key: str) -> IntArray:
+    """Replicas of ``service`` in the label-``key`` domain of each node in ``rows`` (fewer is better)."""
+    counts: IntArray = table.domain_counts(service, key)[table.domains(key)[rows]]
+    return counts
 
 
 def spread_counts(table: NodeTable, rows: IntArray, service: str) -> IntArray:
@@ -64,20 +123,49 @@ def spread_counts(table: NodeTable, rows: IntArray, service: str) -> IntArray:
     return counts
 
 
-def tie_keys(table: NodeTable, rows: IntArray, task_id: str) -> HashArray:
-    """Seeded, process-stable pseudo-random key per node in ``rows`` for ``task_id`` (lower wins)."""
-    task_hash = np.uint64(stable_hash(table.seed, task_id))
-    return mix64(table.node_hashes[rows] ^ task_hash)
+def tie_keys(table: NodeTable, rows: IntArray, service: str, slot: int) -> HashArray:
+    """Seeded, process-stable pseudo-random key per node in ``rows`` for a service's slot."""
+    slot_hash = np.uint64(stable_hash(table.seed, f"{service}\0{slot}"))
+    return mix64(table.node_hashes[rows] ^ slot_hash)
 
 
-def choose(table: NodeTable, rows: IntArray, request: IntArray, service: str, task_id: str) -> int:
-    """The best node among the feasible ``rows`` (non-empty) for a task."""
-    own = spread_counts(table, rows, service)
-    scores = fit_scores(table, rows, request, own)
-    best = scores >= scores.max() - FIT_TOLERANCE
-    rows, own = rows[best], own[best]
-    fewest = own == own.min()
-    rows = rows[fewest]
-    if rows.size == 1:
-        return int(rows[0])
-    return int(rows[np.argmin(tie_keys(table, rows, task_id))])
+def rankers(table: NodeTable, request: IntArray, task: TaskRequest) -> list[Ranker]:
+    """The task's rankers in precedence order; see the module docstring."""
+    by_domain = [_domain_ranker(table, task.service, key) for key in task.spread]
+
+    def load(rows: IntArray) -> Key:
+        return -np.round(load_scores(table, rows, request, task), SCORE_DECIMALS)
+
+    def own(rows: IntArray) -> Key:
+        return spread_counts(table, rows, task.service)
+
+    def tie(rows: IntArray) -> Key:
+        return tie_keys(table, rows, task.service, task.slot)
+
+    return [*by_domain, load, own, tie]
+
+
+def _domain_ranker(table: NodeTable, service: str, key: str) -> Ranker:
+    def by_domain(rows: IntArray) -> Key:
+        return domain_counts(table, rows, service, key)
+
+    return by_domain
+
+
+def choose(table: NodeTable, rows: IntArray, request: IntArray, task: TaskRequest) -> int:
+    """The best node among the feasible ``rows`` (non-empty) for ``task``."""
+    for ranker in rankers(table, request, task):
+        if rows.size == 1:
+            break
+        keys = ranker(rows)
+        rows = rows[keys == keys.min()]
+    return int(rows[0])
+
+
+def order(table: NodeTable, rows: IntArray, request: IntArray, task: TaskRequest) -> IntArray:
+    """The feasible ``rows`` best first, by the same rankers as :func:`choose`."""
+    if rows.size == 0:
+        return rows
+    keys: Sequence[Key] = [ranker(rows) for ranker in rankers(table, request, task)]
+    ranked: IntArray = rows[np.lexsort(keys[::-1])]
+    return ranked

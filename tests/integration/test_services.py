@@ -357,3 +357,56 @@ def test_bad_input_gives_one_clear_line_and_changes_nothing(
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert stored(cluster) == before
+
+
+def test_plan_shows_what_apply_then_does(cluster: DevCluster, tmp_path: Path) -> None:
+    spec = tmp_path / "planned.yaml"
+    spec.write_text(
+        f"""
+name: planned
+image: {cluster.image}
+replicas: 5
+resources: {{cpu: 300m, memory: 48Mi}}
+ports: [8080]
+max_per_node: 2
+"""
+    )
+    before = stored(cluster)
+    planned = json.loads(berth(cluster, "plan", "-f", str(spec), "-o", "json").stdout)
+    assert stored(cluster) == before  # planning changes nothing
+    assert not planned["pending"] and len(planned["placements"]) == 5
+    assert planned["verdicts"] and all(v["feasible"] for v in planned["verdicts"] if v["node"] != "h5")
+    expected = {p["slot"]: p["node"] for p in planned["placements"]}
+    assert max(list(expected.values()).count(n) for n in expected.values()) <= 2
+    berth(cluster, "service", "apply", "-f", str(spec))
+    rows = wait_for(lambda: all_running(cluster, "planned", 5), 60, "planned service running")
+    assert {r["slot"]: r["node"] for r in rows} == expected
+    # planning the same file again: everything already placed, nothing new
+    again = json.loads(berth(cluster, "plan", "-f", str(spec), "-o", "json").stdout)
+    assert all(p["existing"] for p in again["placements"]) and not again["removed"]
+    berth(cluster, "service", "rm", "planned")
+
+
+def test_plan_explains_what_cannot_fit(cluster: DevCluster, tmp_path: Path) -> None:
+    spec = tmp_path / "nofit.yaml"
+    spec.write_text(
+        f"""
+name: nofit
+image: {cluster.image}
+replicas: 2
+resources: {{gpu: 1}}
+---
+name: nowhere
+image: {cluster.image}
+replicas: 1
+constraints: ["zone in (mars, venus)"]
+"""
+    )
+    planned = json.loads(berth(cluster, "plan", "-f", str(spec), "-o", "json").stdout)
+    reasons = {(w["service"], w["slot"]): w["reasons"][0] for w in planned["pending"]}
+    assert "insufficient gpu" in reasons[("nofit", 1)]
+    assert "constraint zone in (mars,venus) not met" in reasons[("nowhere", 1)].replace(", ", ",")
+    zero = tmp_path / "zero.yaml"
+    zero.write_text(f"name: zero\nimage: {cluster.image}\nresources: {{gpu: 0}}\n")
+    proc = berth(cluster, "plan", "-f", str(zero), check=False)
+    assert proc.returncode != 0 and "resources.scalars.gpu" in proc.stderr and "Traceback" not in proc.stderr

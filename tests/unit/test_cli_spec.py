@@ -45,6 +45,23 @@ def test_parse_port_rejects(value: object, message: str) -> None:
         parse_port(value, "ports[0]")
 
 
+def test_scheduling_fields_and_scalars() -> None:
+    spec = from_mapping(
+        {
+            "name": "a",
+            "image": "i",
+            "resources": {"cpu": 1, "gpu": 2, "disk": "10Gi"},
+            "constraints": ["zone in (a, b)", {"key": "env", "values": ["x"]}],
+            "max_per_node": 1,
+            "spread": "zone",
+            "strategy": "spread",
+        }
+    )
+    assert dict(spec.resources.scalars) == {"gpu": 2, "disk": 10 * 2**30}
+    assert [(c.op, list(c.values)) for c in spec.constraints] == [("in", ["a", "b"]), ("in", ["x"])]
+    assert spec.max_per_node == 1 and list(spec.spread) == ["zone"] and spec.strategy == pb.STRATEGY_SPREAD
+
+
 def test_parse_constraint_forms() -> None:
     assert parse_constraint("env==prod", "c") == pb.Constraint(key="env", op="==", value="prod")
     assert parse_constraint("zone != eu", "c") == pb.Constraint(key="zone", op="!=", value="eu")
@@ -90,9 +107,16 @@ BAD_SPECS = [
     ),
     ("unknown-field", {"name": "a", "image": "i", "replica": 3}, "replica: unknown field"),
     (
-        "unknown-resource",
-        {"name": "a", "image": "i", "resources": {"gpu": 1}},
-        "resources: unknown field 'gpu'",
+        "bad-scalar",
+        {"name": "a", "image": "i", "resources": {"gpu": "lots"}},
+        "resources.gpu: cannot parse 'lots'",
+    ),
+    ("bad-strategy", {"name": "a", "image": "i", "strategy": "random"}, "strategy: 'random' is not one of"),
+    ("bad-spread", {"name": "a", "image": "i", "spread": {"zone": 1}}, "spread: must be a label key"),
+    (
+        "in-without-values",
+        {"name": "a", "image": "i", "constraints": [{"key": "zone", "op": "in"}]},
+        "constraints[0].values",
     ),
     ("bad-network", {"name": "a", "image": "i", "network": "overlay"}, "network: 'overlay' is not one of"),
     ("ports-not-list", {"name": "a", "image": "i", "ports": 8080}, "ports: must be a list"),

@@ -1,7 +1,8 @@
-"""schedule() end to end: placements, spread, ports and pending reasons."""
+"""schedule() and explain() end to end: placements, spread, limits, ports and pending reasons."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 
@@ -11,12 +12,15 @@ from berth.controller.scheduler import (
     Availability,
     Constraint,
     NodeInfo,
+    NodeVerdict,
     Pending,
     Placement,
     Plan,
     PortRequest,
     Resources,
+    Strategy,
     TaskRequest,
+    explain,
     schedule,
 )
 
@@ -57,6 +61,9 @@ def tasks(
     memory: int = 0,
     ports: tuple[PortRequest, ...] = (),
     constraints: tuple[Constraint, ...] = (),
+    max_per_node: int = 0,
+    spread: tuple[str, ...] = (),
+    strategy: Strategy = Strategy.BINPACK,
 ) -> list[TaskRequest]:
     resources = Resources(cpu_millis=cpu, memory_bytes=memory)
     return [
@@ -67,6 +74,9 @@ def tasks(
             resources=resources,
             ports=ports,
             constraints=constraints,
+            max_per_node=max_per_node,
+            spread=spread,
+            strategy=strategy,
         )
         for slot in range(1, count + 1)
     ]
@@ -231,3 +241,148 @@ def test_plan_types() -> None:
 def test_bad_dynamic_range_rejected() -> None:
     with pytest.raises(ValueError, match="dynamic port range"):
         schedule([node("a")], [], dynamic_ports=(40000, 30000))
+
+
+def test_spread_across_zones_evenly() -> None:
+    nodes = [
+        node("a1", labels={"zone": "a"}),
+        node("a2", labels={"zone": "a"}),
+        node("b1", labels={"zone": "b"}),
+    ]
+    plan = schedule(nodes, tasks("web", 6, cpu=500, memory=GIB // 2, spread=("zone",)))
+    assert per_node(plan) == {"a1": 2, "a2": 1, "b1": 3} or per_node(plan) == {"a1": 1, "a2": 2, "b1": 3}
+
+
+def test_spread_counts_existing_replicas_and_unlabelled_domain() -> None:
+    nodes = [
+        node("a1", labels={"zone": "a"}, services={"web": 2}),
+        node("b1", labels={"zone": "b"}),
+        node("x"),
+    ]
+    plan = schedule(nodes, tasks("web", 4, spread=("zone",)))
+    assert per_node(plan) == {"b1": 2, "x": 2}
+
+
+def test_spread_ranks_below_feasibility() -> None:
+    nodes = [node("a1", labels={"zone": "a"}), node("b1", labels={"zone": "b"}, cpu=500)]
+    plan = schedule(nodes, tasks("web", 4, cpu=500, spread=("zone",)))
+    assert per_node(plan) == {"a1": 3, "b1": 1}
+
+
+def test_max_per_node_counts_placements_of_this_call() -> None:
+    nodes = [node("a", services={"web": 1}), node("b"), node("c")]
+    plan = schedule(nodes, tasks("web", 6, max_per_node=2))
+    assert per_node(plan) == {"a": 1, "b": 2, "c": 2}
+    assert plan.pending == (
+        Pending(
+            task_id="web.6",
+            reason="0/3 nodes available: 3 at max 2 replica(s) of web per node",
+            rejections={"at max 2 replica(s) of web per node": 3},
+        ),
+    )
+
+
+def test_max_per_node_of_one_service_does_not_block_another() -> None:
+    work = tasks("web", 2, max_per_node=1) + tasks("db", 1, max_per_node=1)
+    plan = schedule([node("a")], work)
+    assert [p.task_id for p in plan.placements] == ["web.1", "db.1"]
+    assert [p.task_id for p in plan.pending] == ["web.2"]
+
+
+STRATEGY_CASES = [
+    ("binpack-fills-busy-node", Strategy.BINPACK, {"busy": 2}),
+    ("spread-fills-empty-node-first", Strategy.SPREAD, {"empty": 2}),
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"), [c[1:] for c in STRATEGY_CASES], ids=[c[0] for c in STRATEGY_CASES]
+)
+def test_strategy(strategy: Strategy, expected: dict[str, int]) -> None:
+    nodes = [node("empty"), node("busy", used_cpu=2000, used_memory=2 * GIB, services={"db": 1})]
+    plan = schedule(nodes, tasks("web", 2, cpu=500, memory=GIB // 2, strategy=strategy))
+    assert per_node(plan) == expected
+
+
+def test_spread_strategy_balances_load() -> None:
+    nodes = [node("a", used_cpu=1000, used_memory=GIB, services={"db": 1}), node("b"), node("c")]
+    plan = schedule(nodes, tasks("web", 5, cpu=1000, memory=GIB, strategy=Strategy.SPREAD))
+    assert per_node(plan) == {"a": 1, "b": 2, "c": 2}
+
+
+def test_plan_does_not_depend_on_task_ids() -> None:
+    nodes = [node(f"n{i}") for i in range(7)]
+    work = tasks("web", 9) + tasks("db", 5, spread=("zone",), strategy=Strategy.SPREAD)
+    renamed = [dataclasses.replace(t, task_id=f"other-{t.task_id}") for t in work]
+    first = [p.node_id for p in schedule(nodes, work, seed=2).placements]
+    second = [p.node_id for p in schedule(nodes, renamed, seed=2).placements]
+    assert first == second
+
+
+EXPLAIN_NODES = [
+    node("down", ready=False),
+    node("dev", labels={"zone": "c"}),
+    node("full", labels={"zone": "a"}, services={"web": 1}),
+    node("small", labels={"zone": "a"}, cpu=100),
+    node("busy", labels={"zone": "b"}, used_cpu=2000, used_memory=2 * GIB),
+    node("idle", labels={"zone": "a"}),
+]
+IN_AB = Constraint(key="zone", op="in", values=("a", "b"))
+
+EXPLAIN_CASES = [
+    (
+        "reasons-scores-ranks",
+        tasks("web", 1, cpu=1000, memory=GIB, constraints=(IN_AB,), max_per_node=1)[0],
+        [
+            NodeVerdict(node_id="down", feasible=False, reason="node down"),
+            NodeVerdict(node_id="dev", feasible=False, reason="constraint zone in (a,b) not met"),
+            NodeVerdict(node_id="full", feasible=False, reason="at max 1 replica(s) of web per node"),
+            NodeVerdict(node_id="small", feasible=False, reason="insufficient cpu"),
+            NodeVerdict(node_id="busy", feasible=True, score=0.75, rank=1),
+            NodeVerdict(node_id="idle", feasible=True, score=0.25, rank=2),
+        ],
+    ),
+    (
+        "spread-strategy",
+        tasks("web", 1, cpu=1000, memory=GIB, constraints=(IN_AB,), strategy=Strategy.SPREAD)[0],
+        [
+            NodeVerdict(node_id="down", feasible=False, reason="node down"),
+            NodeVerdict(node_id="dev", feasible=False, reason="constraint zone in (a,b) not met"),
+            NodeVerdict(node_id="full", feasible=True, score=0.75, rank=2),
+            NodeVerdict(node_id="small", feasible=False, reason="insufficient cpu"),
+            NodeVerdict(node_id="busy", feasible=True, score=0.25, rank=3),
+            NodeVerdict(node_id="idle", feasible=True, score=0.75, rank=1),
+        ],
+    ),
+    (
+        "label-spread-outranks-score",
+        tasks("web", 1, cpu=1000, memory=GIB, spread=("zone",))[0],
+        [
+            NodeVerdict(node_id="down", feasible=False, reason="node down"),
+            NodeVerdict(node_id="dev", feasible=True, score=0.25, rank=2),
+            NodeVerdict(node_id="full", feasible=True, score=0.25, rank=4),
+            NodeVerdict(node_id="small", feasible=False, reason="insufficient cpu"),
+            NodeVerdict(node_id="busy", feasible=True, score=0.75, rank=1),
+            NodeVerdict(node_id="idle", feasible=True, score=0.25, rank=3),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("t", "expected"), [c[1:] for c in EXPLAIN_CASES], ids=[c[0] for c in EXPLAIN_CASES])
+def test_explain(t: TaskRequest, expected: list[NodeVerdict]) -> None:
+    verdicts = explain(EXPLAIN_NODES, t)
+    assert [dataclasses.replace(v, score=round(v.score, 6)) for v in verdicts] == expected
+    [placement] = schedule(EXPLAIN_NODES, [t]).placements
+    assert placement.node_id == next(v.node_id for v in verdicts if v.rank == 1)
+
+
+def test_explain_agrees_with_pending_reason() -> None:
+    t = tasks("web", 1, cpu=8000, constraints=(IN_AB,))[0]
+    verdicts = explain(EXPLAIN_NODES, t)
+    assert not any(v.feasible for v in verdicts)
+    assert dict(Counter(v.reason for v in verdicts)) == schedule(EXPLAIN_NODES, [t]).pending[0].rejections
+
+
+def test_explain_no_nodes() -> None:
+    assert explain([], tasks("web", 1)[0]) == ()

@@ -36,6 +36,7 @@ def node(
     ready: bool = True,
     availability: Availability = Availability.ACTIVE,
     ports: frozenset[tuple[str, int]] = frozenset(),
+    services: Mapping[str, int] | None = None,
 ) -> NodeInfo:
     return NodeInfo(
         id=node_id,
@@ -46,6 +47,7 @@ def node(
         ready=ready,
         availability=availability,
         used_ports=ports,
+        service_counts=services or {},
     )
 
 
@@ -56,6 +58,7 @@ def task(
     scalars: Mapping[str, int] | None = None,
     ports: tuple[PortRequest, ...] = (),
     constraints: tuple[Constraint, ...] = (),
+    max_per_node: int = 0,
 ) -> TaskRequest:
     return TaskRequest(
         task_id="web.1.x",
@@ -64,6 +67,7 @@ def task(
         resources=Resources(cpu_millis=cpu, memory_bytes=memory, scalars=scalars or {}),
         ports=ports,
         constraints=constraints,
+        max_per_node=max_per_node,
     )
 
 
@@ -75,6 +79,7 @@ def run_filter(f: filters.Filter, nodes: list[NodeInfo], t: TaskRequest) -> list
 
 PROD = Constraint(key="env", op="==", value="prod")
 NOT_PROD = Constraint(key="env", op="!=", value="prod")
+ZONE_A_OR_B = Constraint(key="zone", op="in", values=("a", "b"))
 TCP_80 = PortRequest(container_port=80, host_port=80)
 DYNAMIC = PortRequest(container_port=80)
 
@@ -115,6 +120,62 @@ FILTER_CASES = [
         [("constraint env~prod not met", [False])],
     ),
     ("constraint-none", filters.constraints_met, [node("a")], task(), []),
+    (
+        "constraint-in",
+        filters.constraints_met,
+        [node("a", labels={"zone": "a"}), node("b", labels={"zone": "b"}), node("c", labels={"zone": "c"})],
+        task(constraints=(ZONE_A_OR_B,)),
+        [("constraint zone in (a,b) not met", [True, True, False])],
+    ),
+    (
+        "constraint-in-missing-label-fails",
+        filters.constraints_met,
+        [node("a", labels={"env": "a"}), node("b", labels={"zone": ""})],
+        task(constraints=(ZONE_A_OR_B,)),
+        [("constraint zone in (a,b) not met", [False, False])],
+    ),
+    (
+        "constraint-in-ignores-value",
+        filters.constraints_met,
+        [node("a", labels={"zone": "a"}), node("b", labels={"zone": "b"})],
+        task(constraints=(Constraint(key="zone", op="in", value="a", values=("b",)),)),
+        [("constraint zone in (b) not met", [False, True])],
+    ),
+    (
+        "constraint-in-empty-values-fails-everywhere",
+        filters.constraints_met,
+        [node("a", labels={"zone": ""}), node("b")],
+        task(constraints=(Constraint(key="zone", op="in"),)),
+        [("constraint zone in () not met", [False, False])],
+    ),
+    (
+        "constraints-in-task-order",
+        filters.constraints_met,
+        [node("a", labels={"zone": "a", "env": "dev"})],
+        task(constraints=(ZONE_A_OR_B, PROD)),
+        [("constraint zone in (a,b) not met", [True]), ("constraint env==prod not met", [False])],
+    ),
+    (
+        "max-per-node",
+        filters.below_max_per_node,
+        [node("a"), node("b", services={"web": 1}), node("c", services={"web": 2, "db": 5})],
+        task(max_per_node=2),
+        [("at max 2 replica(s) of web per node", [True, True, False])],
+    ),
+    (
+        "max-per-node-other-services-ignored",
+        filters.below_max_per_node,
+        [node("a", services={"db": 3})],
+        task(max_per_node=1),
+        [("at max 1 replica(s) of web per node", [True])],
+    ),
+    (
+        "max-per-node-zero-is-no-limit",
+        filters.below_max_per_node,
+        [node("a", services={"web": 100})],
+        task(max_per_node=0),
+        [],
+    ),
     (
         "host-port-taken",
         filters.host_ports_free,
@@ -209,6 +270,7 @@ def test_filters_run_in_documented_order() -> None:
         filters.node_ready,
         filters.node_active,
         filters.constraints_met,
+        filters.below_max_per_node,
         filters.host_ports_free,
         filters.dynamic_ports_free,
         filters.cpu_fits,
@@ -237,6 +299,20 @@ REJECTION_CASES = [
 )
 def test_rejections_count_first_failure(checks: list[filters.Check], expected: dict[str, int]) -> None:
     assert dict(filters.rejections(2, checks)) == expected
+
+
+FIRST_FAILURE_CASES = [
+    ("all-pass", [("a", mask(True, True))], ["", ""]),
+    ("first-wins", [("a", mask(False, True)), ("b", mask(False, False))], ["a", "b"]),
+    ("no-checks", [], ["", ""]),
+]
+
+
+@pytest.mark.parametrize(
+    ("checks", "expected"), [c[1:] for c in FIRST_FAILURE_CASES], ids=[c[0] for c in FIRST_FAILURE_CASES]
+)
+def test_first_failures(checks: list[filters.Check], expected: list[str]) -> None:
+    assert filters.first_failures(2, checks) == expected
 
 
 def test_feasible_is_conjunction() -> None:

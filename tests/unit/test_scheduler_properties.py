@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import dataclasses
+from collections import Counter, defaultdict
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,9 @@ from berth.controller.scheduler import (
     Plan,
     PortRequest,
     Resources,
+    Strategy,
     TaskRequest,
+    explain,
     schedule,
 )
 
@@ -69,28 +72,46 @@ ports = st.builds(
     host_port=st.sampled_from((0, 0, 80, 443, 30001)),
     protocol=st.sampled_from(("tcp", "udp", "")),
 )
+label_values = st.sampled_from(("prod", "dev", "a", "b"))
 constraints = st.builds(
     Constraint,
     key=st.sampled_from(sorted(LABELS)),
-    op=st.sampled_from(("==", "!=")),
-    value=st.sampled_from(("prod", "dev", "a")),
+    op=st.sampled_from(("==", "!=", "in")),
+    value=label_values,
+    values=st.lists(label_values, max_size=3).map(tuple),
 )
+
+
+service_settings = st.tuples(
+    st.sampled_from((0, 0, 1, 2)),
+    st.sampled_from(((), (), ("zone",), ("env", "zone"))),
+    st.sampled_from(Strategy),
+)
+"""What a service spec sets for all its tasks: max_per_node, spread and strategy."""
 
 
 @st.composite
 def task_lists(draw: st.DrawFn) -> list[TaskRequest]:
     count = draw(st.integers(min_value=0, max_value=12))
-    return [
-        TaskRequest(
-            task_id=f"t{i}",
-            service=draw(st.sampled_from(("web", "db"))),
-            slot=i,
-            resources=draw(resources(scale=500, most=4, scalar_chance=0.2)),
-            ports=tuple(draw(st.lists(ports, max_size=3))),
-            constraints=tuple(draw(st.lists(constraints, max_size=1))),
+    settings = {service: draw(service_settings) for service in ("web", "db")}
+    work = []
+    for i in range(count):
+        service = draw(st.sampled_from(("web", "db")))
+        max_per_node, spread, strategy = settings[service]
+        work.append(
+            TaskRequest(
+                task_id=f"t{i}",
+                service=service,
+                slot=i,
+                resources=draw(resources(scale=500, most=4, scalar_chance=0.2)),
+                ports=tuple(draw(st.lists(ports, max_size=3))),
+                constraints=tuple(draw(st.lists(constraints, max_size=2))),
+                max_per_node=max_per_node,
+                spread=spread,
+                strategy=strategy,
+            )
         )
-        for i in range(count)
-    ]
+    return work
 
 
 clusters = st.lists(nodes(), min_size=1, max_size=8, unique_by=lambda n: n.id)
@@ -112,12 +133,41 @@ def test_plan_invariants(cluster: list[NodeInfo], work: list[TaskRequest]) -> No
     check_never_overcommits(cluster, work, plan)
     check_only_ready_active_nodes_meeting_constraints(cluster, work, plan)
     check_host_ports_never_shared(cluster, work, plan)
+    check_never_exceeds_max_per_node(cluster, work, plan)
 
 
 @settings(max_examples=60, deadline=None)
 @given(clusters, task_lists(), st.integers(min_value=0, max_value=3))
 def test_deterministic(cluster: list[NodeInfo], work: list[TaskRequest], seed: int) -> None:
     assert run(cluster, work, seed) == run(cluster, work, seed)
+
+
+@settings(max_examples=40, deadline=None)
+@given(clusters, task_lists(), st.integers(min_value=0, max_value=3))
+def test_task_ids_do_not_matter(cluster: list[NodeInfo], work: list[TaskRequest], seed: int) -> None:
+    renamed = [dataclasses.replace(t, task_id=f"x{t.task_id}") for t in work]
+    first, second = run(cluster, work, seed), run(cluster, renamed, seed)
+    assert [(p.node_id, p.ports) for p in first.placements] == [
+        (p.node_id, p.ports) for p in second.placements
+    ]
+    assert [p.reason for p in first.pending] == [p.reason for p in second.pending]
+
+
+@settings(max_examples=60, deadline=None)
+@given(clusters, task_lists().filter(bool), st.integers(min_value=0, max_value=3))
+def test_explain_agrees_with_schedule(cluster: list[NodeInfo], work: list[TaskRequest], seed: int) -> None:
+    task = work[0]
+    verdicts = explain(cluster, task, dynamic_ports=DYNAMIC, seed=seed)
+    plan = run(cluster, [task], seed)
+    assert [v.node_id for v in verdicts] == [n.id for n in cluster]
+    feasible = [v for v in verdicts if v.feasible]
+    assert sorted(v.rank for v in feasible) == list(range(1, len(feasible) + 1))
+    assert all(v.reason == "" for v in feasible)
+    if plan.placements:
+        assert plan.placements[0].node_id == next(v.node_id for v in feasible if v.rank == 1)
+    else:
+        assert not feasible
+        assert dict(Counter(v.reason for v in verdicts)) == plan.pending[0].rejections
 
 
 def check_never_overcommits(cluster: list[NodeInfo], work: list[TaskRequest], plan: Plan) -> None:
@@ -145,8 +195,22 @@ def check_only_ready_active_nodes_meeting_constraints(
         assert n.ready
         assert n.availability is Availability.ACTIVE
         for c in by_task[placement.task_id].constraints:
-            matches = n.labels.get(c.key) == c.value
-            assert matches if c.op == "==" else not matches
+            label = n.labels.get(c.key)
+            if c.op == "in":
+                assert label is not None and label in c.values
+            else:
+                assert (label == c.value) == (c.op == "==")
+
+
+def check_never_exceeds_max_per_node(cluster: list[NodeInfo], work: list[TaskRequest], plan: Plan) -> None:
+    counts = {(n.id, service): count for n in cluster for service, count in n.service_counts.items()}
+    by_task = {t.task_id: t for t in work}
+    for placement in plan.placements:  # in task order
+        task = by_task[placement.task_id]
+        key = (placement.node_id, task.service)
+        if task.max_per_node:
+            assert counts.get(key, 0) < task.max_per_node
+        counts[key] = counts.get(key, 0) + 1
 
 
 def check_host_ports_never_shared(cluster: list[NodeInfo], work: list[TaskRequest], plan: Plan) -> None:

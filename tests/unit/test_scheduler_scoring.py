@@ -1,4 +1,5 @@
-"""Scorers: best fit, spread, seeded tie-break, and how choose() combines them."""
+"""Rankers: label spread, load (binpack / spread), own spread, seeded tie-break, and how
+choose() and order() combine them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from berth.controller.scheduler import scoring
-from berth.controller.scheduler.model import NodeInfo, NodeTable, Resources, TaskRequest
+from berth.controller.scheduler.model import NodeInfo, NodeTable, Resources, Strategy, TaskRequest
 
 GIB = 1 << 30
 
@@ -23,6 +24,7 @@ def node(
     scalars: Mapping[str, int] | None = None,
     used_scalars: Mapping[str, int] | None = None,
     services: Mapping[str, int] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> NodeInfo:
     return NodeInfo(
         id=node_id,
@@ -30,14 +32,24 @@ def node(
         capacity=Resources(cpu_millis=cpu, memory_bytes=memory, scalars=scalars or {}),
         allocated=Resources(cpu_millis=used_cpu, memory_bytes=used_memory, scalars=used_scalars or {}),
         service_counts=services or {},
+        labels=labels or {},
     )
 
 
 def task(
-    *, cpu: int = 0, memory: int = 0, scalars: Mapping[str, int] | None = None, tid: str = "web.1"
+    *,
+    cpu: int = 0,
+    memory: int = 0,
+    scalars: Mapping[str, int] | None = None,
+    tid: str = "web.1",
+    slot: int = 1,
+    spread: tuple[str, ...] = (),
+    strategy: Strategy = Strategy.BINPACK,
 ) -> TaskRequest:
     resources = Resources(cpu_millis=cpu, memory_bytes=memory, scalars=scalars or {})
-    return TaskRequest(task_id=tid, service="web", slot=1, resources=resources)
+    return TaskRequest(
+        task_id=tid, service="web", slot=slot, resources=resources, spread=spread, strategy=strategy
+    )
 
 
 def fit(nodes: list[NodeInfo], t: TaskRequest) -> list[float]:
@@ -112,14 +124,104 @@ def test_spread_counts(nodes: list[NodeInfo], expected: list[int]) -> None:
     assert scoring.spread_counts(table, np.arange(len(nodes)), "web").tolist() == expected
 
 
+LOAD_CASES = [
+    (
+        "binpack-is-fit",
+        [node("a", used_cpu=2000, used_memory=2 * GIB), node("b")],
+        task(cpu=1000),
+        [0.625, 0.125],
+    ),
+    (
+        "spread-is-emptiness",
+        [node("a", used_cpu=2000, used_memory=2 * GIB), node("b")],
+        task(cpu=1000, strategy=Strategy.SPREAD),
+        [0.375, 0.875],
+    ),
+    (
+        "spread-counts-own-replicas",
+        [node("a", used_cpu=2000, used_memory=2 * GIB, services={"web": 2}), node("b")],
+        task(cpu=1000, memory=GIB, strategy=Strategy.SPREAD),
+        [0.25, 0.75],
+    ),
+    (
+        "spread-zero-capacity-dimension-ignored",
+        [node("a", memory=0)],
+        task(cpu=1000, strategy=Strategy.SPREAD),
+        [0.75],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "t", "expected"), [c[1:] for c in LOAD_CASES], ids=[c[0] for c in LOAD_CASES]
+)
+def test_load_scores(nodes: list[NodeInfo], t: TaskRequest, expected: list[float]) -> None:
+    table = NodeTable.build(nodes, [t], seed=0)
+    scores = scoring.load_scores(table, np.arange(len(nodes)), table.vector(t.resources), t)
+    assert [round(x, 6) for x in scores.tolist()] == expected
+
+
+DOMAIN_CASES = [
+    (
+        "per-label-value",
+        [
+            node("a1", labels={"zone": "a"}, services={"web": 2}),
+            node("a2", labels={"zone": "a"}, services={"web": 1, "db": 4}),
+            node("b1", labels={"zone": "b"}),
+        ],
+        [3, 3, 0],
+    ),
+    (
+        "missing-label-is-empty-value-domain",
+        [
+            node("x", services={"web": 1}),
+            node("y", labels={"zone": ""}, services={"web": 1}),
+            node("a", labels={"zone": "a"}),
+        ],
+        [2, 2, 0],
+    ),
+    ("no-replicas", [node("a", labels={"zone": "a"}), node("b")], [0, 0]),
+]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "expected"), [c[1:] for c in DOMAIN_CASES], ids=[c[0] for c in DOMAIN_CASES]
+)
+def test_domain_counts(nodes: list[NodeInfo], expected: list[int]) -> None:
+    table = NodeTable.build(nodes, [], seed=0)
+    assert scoring.domain_counts(table, np.arange(len(nodes)), "web", "zone").tolist() == expected
+
+
+def test_domain_counts_follow_commits() -> None:
+    nodes = [
+        node("a1", labels={"zone": "a"}),
+        node("a2", labels={"zone": "a"}),
+        node("b", labels={"zone": "b"}),
+    ]
+    table = NodeTable.build(nodes, [], seed=0)
+    rows = np.arange(3)
+    assert scoring.domain_counts(table, rows, "web", "zone").tolist() == [0, 0, 0]
+    table.commit(1, table.vector(Resources()), "web")
+    table.commit(2, table.vector(Resources()), "db")
+    assert scoring.domain_counts(table, rows, "web", "zone").tolist() == [1, 1, 0]
+    assert scoring.domain_counts(table, rows, "db", "zone").tolist() == [0, 0, 1]
+
+
 def test_tie_keys_are_seeded_and_stable() -> None:
     nodes = [node(f"n{i}") for i in range(8)]
     rows = np.arange(8)
-    keys = scoring.tie_keys(NodeTable.build(nodes, [], seed=0), rows, "web.1").tolist()
-    assert keys == scoring.tie_keys(NodeTable.build(nodes, [], seed=0), rows, "web.1").tolist()
-    assert keys != scoring.tie_keys(NodeTable.build(nodes, [], seed=1), rows, "web.1").tolist()
-    assert keys != scoring.tie_keys(NodeTable.build(nodes, [], seed=0), rows, "web.2").tolist()
-    assert len(set(keys)) == 8
+
+    def keys(seed: int, service: str, slot: int) -> list[int]:
+        keys: list[int] = scoring.tie_keys(
+            NodeTable.build(nodes, [], seed=seed), rows, service, slot
+        ).tolist()
+        return keys
+
+    assert keys(0, "web", 1) == keys(0, "web", 1)
+    assert keys(0, "web", 1) != keys(1, "web", 1)
+    assert keys(0, "web", 1) != keys(0, "web", 2)
+    assert keys(0, "web", 1) != keys(0, "db", 1)
+    assert len(set(keys(0, "web", 1))) == 8
 
 
 def test_tie_keys_ignore_input_order() -> None:
@@ -127,10 +229,22 @@ def test_tie_keys_ignore_input_order() -> None:
     forward = NodeTable.build(nodes, [], seed=3)
     backward = NodeTable.build(nodes[::-1], [], seed=3)
     rows = np.arange(5)
-    by_id_forward = dict(zip(forward.ids, scoring.tie_keys(forward, rows, "t").tolist(), strict=True))
-    by_id_backward = dict(zip(backward.ids, scoring.tie_keys(backward, rows, "t").tolist(), strict=True))
+    by_id_forward = dict(zip(forward.ids, scoring.tie_keys(forward, rows, "web", 1).tolist(), strict=True))
+    by_id_backward = dict(zip(backward.ids, scoring.tie_keys(backward, rows, "web", 1).tolist(), strict=True))
     assert by_id_forward == by_id_backward
 
+
+ZONES = [
+    node("a1", labels={"zone": "a"}, services={"web": 1}),
+    node("a2", labels={"zone": "a"}, used_cpu=3000, used_memory=3 * GIB),
+    node("b1", labels={"zone": "b"}),
+]
+
+RACKS = [
+    node("o", labels={"rack": "1", "zone": "b"}, services={"web": 1}),
+    node("p", labels={"rack": "2", "zone": "b"}),
+    node("q", labels={"rack": "1", "zone": "a"}),
+]
 
 CHOOSE_CASES = [
     ("best-fit-wins", [node("a"), node("b", used_cpu=3000, used_memory=3 * GIB)], task(cpu=500), "b"),
@@ -146,6 +260,28 @@ CHOOSE_CASES = [
         task(cpu=1000, memory=GIB),
         "a",
     ),
+    (
+        "spread-strategy-emptiest-wins",
+        [node("a"), node("b", used_cpu=3000, used_memory=3 * GIB)],
+        task(cpu=500, strategy=Strategy.SPREAD),
+        "a",
+    ),
+    (
+        "spread-strategy-own-spread-breaks-tie",
+        [node("a", services={"web": 1}), node("b")],
+        task(strategy=Strategy.SPREAD),
+        "b",
+    ),
+    ("label-spread-beats-fit", ZONES, task(cpu=500, spread=("zone",)), "b1"),
+    ("no-label-spread-fit-decides", ZONES, task(cpu=500), "a2"),
+    (
+        "label-spread-tie-then-fit",
+        [*ZONES[:2], node("b1", labels={"zone": "b"}, services={"web": 1})],
+        task(cpu=500, spread=("zone",)),
+        "a2",
+    ),
+    ("label-keys-in-order", RACKS, task(spread=("rack", "zone")), "p"),
+    ("label-keys-in-order-reversed", RACKS, task(spread=("zone", "rack")), "q"),
 ]
 
 
@@ -154,20 +290,35 @@ CHOOSE_CASES = [
 )
 def test_choose(nodes: list[NodeInfo], t: TaskRequest, expected: str) -> None:
     table = NodeTable.build(nodes, [t], seed=0)
-    row = scoring.choose(table, np.arange(len(nodes)), table.vector(t.resources), t.service, t.task_id)
+    rows = np.arange(len(nodes))
+    request = table.vector(t.resources)
+    row = scoring.choose(table, rows, request, t)
     assert table.ids[row] == expected
+    assert int(scoring.order(table, rows, request, t)[0]) == row
 
 
-def test_choose_tie_break_depends_on_task_not_order() -> None:
+def test_choose_tie_break_depends_on_slot_not_task_id_or_order() -> None:
     nodes = [node(f"n{i}") for i in range(6)]
     picks = set()
-    for i in range(40):
-        t = task(cpu=100, tid=f"web.{i}")
-        forward = NodeTable.build(nodes, [t], seed=0)
-        backward = NodeTable.build(nodes[::-1], [t], seed=0)
-        rows = np.arange(6)
-        a = forward.ids[scoring.choose(forward, rows, forward.vector(t.resources), "web", t.task_id)]
-        b = backward.ids[scoring.choose(backward, rows, backward.vector(t.resources), "web", t.task_id)]
-        assert a == b
-        picks.add(a)
+    for slot in range(40):
+        chosen = set()
+        for tid, ordered in ((f"a.{slot}", nodes), (f"b.{slot}", nodes[::-1])):
+            t = task(cpu=100, tid=tid, slot=slot)
+            table = NodeTable.build(ordered, [t], seed=0)
+            chosen.add(table.ids[scoring.choose(table, np.arange(6), table.vector(t.resources), t)])
+        assert len(chosen) == 1
+        picks |= chosen
     assert len(picks) > 1
+
+
+def test_order_ranks_every_candidate() -> None:
+    nodes = [
+        node("a"),
+        node("b", used_cpu=3000, used_memory=3 * GIB),
+        node("c", used_cpu=1000, used_memory=GIB),
+    ]
+    t = task(cpu=500)
+    table = NodeTable.build(nodes, [t], seed=0)
+    ranked = scoring.order(table, np.array([0, 1, 2]), table.vector(t.resources), t)
+    assert [table.ids[row] for row in ranked.tolist()] == ["b", "c", "a"]
+    assert scoring.order(table, np.array([], dtype=np.int64), table.vector(t.resources), t).size == 0

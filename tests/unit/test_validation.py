@@ -23,8 +23,14 @@ def port(container: int, host: int = 0, protocol: str = "") -> pb.PortSpec:
     return pb.PortSpec(container_port=container, host_port=host, protocol=protocol)
 
 
-def constraint(key: str = "env", op: str = "==", value: str = "prod") -> pb.Constraint:
-    return pb.Constraint(key=key, op=op, value=value)
+def constraint(
+    key: str = "env", op: str = "==", value: str = "prod", values: tuple[str, ...] = ()
+) -> pb.Constraint:
+    return pb.Constraint(key=key, op=op, value=value, values=values)
+
+
+def one_of(*values: str, key: str = "zone") -> pb.Constraint:
+    return pb.Constraint(key=key, op="in", values=values)
 
 
 GOOD = [
@@ -48,6 +54,16 @@ GOOD = [
     ("env", spec(env={"FOO": "1", "_bar2": "x"})),
     ("constraints", spec(constraints=[constraint(), constraint("node.zone/a-b", "!=", "z1")])),
     ("pids", spec(pids_limit=100)),
+    ("constraint-in", spec(constraints=[one_of("a", "b")])),
+    ("constraint-in-one-value", spec(constraints=[one_of("a")])),
+    ("constraint-in-ignores-value", spec(constraints=[constraint("zone", "in", "", ("a",))])),
+    ("constraint-eq-ignores-values", spec(constraints=[constraint(values=("x",))])),
+    ("max-per-node", spec(max_per_node=1)),
+    ("max-per-node-max", spec(max_per_node=10_000)),
+    ("spread", spec(spread=["zone", "topology.kubernetes.io/rack"])),
+    ("strategy-binpack", spec(strategy=pb.STRATEGY_BINPACK)),
+    ("strategy-spread", spec(strategy=pb.STRATEGY_SPREAD)),
+    ("scalar-dotted", spec(resources=pb.Resources(scalars={"nvidia.com-gpu_x": 2}))),
 ]
 
 
@@ -101,6 +117,44 @@ BAD = [
     ("constraint-op", spec(constraints=[constraint(), constraint(op="=")]), "constraints[1].op", "got '='"),
     ("constraint-value", spec(constraints=[constraint(value="")]), "constraints[0].value", "required"),
     ("pids-negative", spec(pids_limit=-1), "pids_limit", "got -1"),
+    ("constraint-op-in-listed", spec(constraints=[constraint(op="=~")]), "constraints[0].op", "'in'"),
+    (
+        "constraint-in-no-values",
+        spec(constraints=[one_of()]),
+        "constraints[0].values",
+        "required with op 'in'",
+    ),
+    (
+        "constraint-in-value-not-values",
+        spec(constraints=[constraint("zone", "in", "a")]),
+        "constraints[0].values",
+        "required with op 'in'",
+    ),
+    (
+        "constraint-in-empty-value",
+        spec(constraints=[constraint(), one_of("a", "")]),
+        "constraints[1].values[1]",
+        "must not be empty",
+    ),
+    ("constraint-in-bad-key", spec(constraints=[one_of("a", key="")]), "constraints[0].key", "required"),
+    (
+        "constraint-ne-value",
+        spec(constraints=[constraint(op="!=", value="")]),
+        "constraints[0].value",
+        "required",
+    ),
+    ("max-per-node-too-many", spec(max_per_node=10_001), "max_per_node", "at most 10000, got 10001"),
+    ("spread-empty", spec(spread=["zone", ""]), "spread[1]", "must not be empty"),
+    ("spread-bad-key", spec(spread=["-zone"]), "spread[0]", "not a valid label key"),
+    ("spread-duplicate", spec(spread=["zone", "rack", "zone"]), "spread[2]", "already listed at spread[0]"),
+    ("strategy-unknown", spec(strategy=7), "strategy", "BINPACK or SPREAD"),
+    ("scalar-negative", spec(resources=pb.Resources(scalars={"gpu": -2})), "resources.scalars.gpu", "got -2"),
+    (
+        "scalar-digit-first",
+        spec(resources=pb.Resources(scalars={"1gpu": 1})),
+        "resources.scalars.1gpu",
+        "letter",
+    ),
     ("first-problem-wins", spec(name="", image=""), "name", "required"),
 ]
 

@@ -1,0 +1,190 @@
+"""One scheduling step, shared by the live controller and ``berth plan`` (live or offline).
+
+``scheduling_step`` turns plain values (services, tasks, nodes) into the scheduler's input —
+pending tasks plus replacements for tasks on down or draining nodes — and runs the pure
+scheduler. ``Cluster`` commits its result; ``preview`` only reports it, after applying the given
+specs to a copy of the state the same way the reconciler would. Same inputs, same code, same plan.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from berth.controller import placement
+from berth.controller.reconciler import Replacement, plan_replacements, reconcile
+from berth.controller.scheduler import NodeInfo, Plan, explain, schedule
+from berth.proto.berth.v1 import cluster_pb2
+from berth.proto.berth.v1 import types_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    services: Mapping[str, pb.Service]
+    tasks: Mapping[str, pb.Task]  # by task key
+    nodes: Mapping[str, pb.Node]  # by node id
+    retiring: Sequence[pb.Task] = ()
+
+    def by_node(self) -> dict[str, list[pb.Task]]:
+        out: dict[str, list[pb.Task]] = defaultdict(list)
+        for task in self.tasks.values():
+            if task.node_id:
+                out[task.node_id].append(task)
+        for task in self.retiring:
+            out[task.node_id].append(task)
+        return out
+
+
+@dataclass(slots=True, kw_only=True)
+class Step:
+    pending: dict[str, tuple[str, pb.Task]] = field(default_factory=dict)  # task id -> (key, task)
+    replacements: dict[str, tuple[Replacement, pb.Task]] = field(default_factory=dict)  # new id -> ...
+    nodes: list[NodeInfo] = field(default_factory=list)
+    plan: Plan | None = None
+
+
+def scheduling_step(
+    snap: Snapshot,
+    *,
+    silent_for: Callable[[str], float],
+    deadline: float,
+    margin: float,
+    now: float,
+    new_id: Callable[[str, int], str],
+) -> Step:
+    step = Step()
+    ordered = sorted(snap.tasks.items(), key=lambda kv: (kv[1].service, kv[1].slot))
+    step.pending = {
+        t.id: (key, t) for key, t in ordered if not t.node_id and t.desired_state == pb.TASK_STATE_RUNNING
+    }
+    for r in plan_replacements(
+        tasks=snap.tasks,
+        nodes=snap.nodes,
+        services=snap.services,
+        silent_for=silent_for,
+        deadline=deadline,
+        margin=margin,
+    ):
+        fresh = placement.replacement_for(r.old, new_id(r.old.service, r.old.slot), now)
+        step.replacements[fresh.id] = (r, fresh)
+    if not step.pending and not step.replacements:
+        return step
+    by_node = snap.by_node()
+    step.nodes = [placement.node_info(node, by_node.get(nid, [])) for nid, node in sorted(snap.nodes.items())]
+    requests = [placement.task_request(t) for _, t in step.pending.values()]
+    requests += [placement.task_request(fresh) for _, fresh in step.replacements.values()]
+    step.plan = schedule(step.nodes, requests)
+    return step
+
+
+def apply_specs(
+    services: Mapping[str, pb.Service], specs: Iterable[pb.ServiceSpec], now: float
+) -> dict[str, pb.Service]:
+    """The services as they would be after applying ``specs`` (same generation rule as the API)."""
+    out = dict(services)
+    for spec in specs:
+        old = out.get(spec.name)
+        generation = 1
+        if old is not None:
+            generation = old.generation + (1 if needs_new_tasks(old.spec, spec) else 0)
+        out[spec.name] = pb.Service(spec=spec, generation=generation, created_at=now, updated_at=now)
+    return out
+
+
+def needs_new_tasks(old: pb.ServiceSpec, new: pb.ServiceSpec) -> bool:
+    """Whether a spec change must replace running tasks: anything but the replica count."""
+    a, b = pb.ServiceSpec(), pb.ServiceSpec()
+    a.CopyFrom(old)
+    b.CopyFrom(new)
+    a.replicas = b.replicas = 0
+    return a != b
+
+
+def preview(
+    snap: Snapshot,
+    specs: Sequence[pb.ServiceSpec],
+    *,
+    now: float,
+    task_key: Callable[[str, int], str],
+    silent_for: Callable[[str], float] = lambda _: 0.0,
+    deadline: float = 4.0,
+    margin: float = 2.0,
+) -> cluster_pb2.PlanResponse:
+    """What applying ``specs`` would do to this snapshot: placements, pending reasons, per-node
+    verdicts for the first task of each service, and the tasks it would stop."""
+    services = apply_specs(snap.services, specs, now)
+    result = reconcile(
+        services=services,
+        tasks=snap.tasks,
+        node_ids=set(snap.nodes),
+        task_key=task_key,
+        new_id=lambda service, slot: f"{service}.{slot}.planned",
+        now=now,
+    )
+    tasks = dict(snap.tasks)
+    removed = []
+    for key in result.delete:
+        removed.append(tasks.pop(key).id)
+    for key, task in result.put:
+        old = tasks.get(key)
+        if old is not None and old.id != task.id:
+            removed.append(old.id)
+        tasks[key] = task
+    after = Snapshot(services=services, tasks=tasks, nodes=snap.nodes, retiring=snap.retiring)
+    step = scheduling_step(
+        after,
+        silent_for=silent_for,
+        deadline=deadline,
+        margin=margin,
+        now=now,
+        new_id=lambda service, slot: f"{service}.{slot}.planned-replacement",
+    )
+    names = {nid: n.name for nid, n in snap.nodes.items()}
+    wanted = {spec.name for spec in specs}
+    response = cluster_pb2.PlanResponse(removed=sorted(removed))
+    placed_now: dict[str, tuple[str, float]] = {}
+    if step.plan is not None:
+        for p in step.plan.placements:
+            placed_now[p.task_id] = (p.node_id, 0.0)
+        for w in step.plan.pending:
+            task = (
+                step.pending[w.task_id][1] if w.task_id in step.pending else step.replacements[w.task_id][1]
+            )
+            if task.service in wanted:
+                response.pending.add(
+                    service=task.service, slot=task.slot, reason=w.reason, rejections=dict(w.rejections)
+                )
+    for _, task in sorted(tasks.items(), key=lambda kv: (kv[1].service, kv[1].slot)):
+        if task.service not in wanted:
+            continue
+        if task.id in placed_now:
+            node_id = placed_now[task.id][0]
+            response.placements.add(
+                service=task.service, slot=task.slot, node_id=node_id, node=names.get(node_id, "")
+            )
+        elif task.node_id:
+            response.placements.add(
+                service=task.service,
+                slot=task.slot,
+                node_id=task.node_id,
+                node=names.get(task.node_id, ""),
+                existing=True,
+            )
+    first_requests = {}
+    for _, task in step.pending.values():
+        if task.service in wanted and task.service not in first_requests:
+            first_requests[task.service] = task
+    by_node = after.by_node()
+    nodes = [placement.node_info(node, by_node.get(nid, [])) for nid, node in sorted(snap.nodes.items())]
+    for service, task in sorted(first_requests.items()):
+        for verdict in explain(nodes, placement.task_request(task)):
+            response.verdicts.add(
+                service=service,
+                slot=task.slot,
+                node=names.get(verdict.node_id, verdict.node_id),
+                feasible=verdict.feasible,
+                reason=verdict.reason,
+                score=verdict.score,
+            )
+    return response

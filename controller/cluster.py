@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RESYNC_INTERVAL = 5.0  # the loop also runs this often without a trigger (pending tasks, new nodes)
 LIVENESS_TICK = 0.25
+STATUS_FLUSH_DELAY = 0.02
 
 _STATE_EVENTS = {
     pb.TASK_STATE_RUNNING: "task-started",
@@ -80,7 +81,9 @@ class Cluster:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._awaiting_margin: set[str] = set()  # down nodes whose at-most-one tasks wait for the margin
+        self._awaiting_margin: set[str] = set()
+        self._status_inbox: dict[str, pb.TaskStatus] = {}
+        self._status_wake = asyncio.Event()  # down nodes whose at-most-one tasks wait for the margin
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -98,6 +101,7 @@ class Cluster:
         self._tasks = [
             asyncio.create_task(self._run_loop(), name="reconcile-loop"),
             asyncio.create_task(self._watch_liveness(), name="liveness"),
+            asyncio.create_task(self._flush_statuses(), name="status-flush"),
         ]
 
     async def stop(self) -> None:
@@ -417,31 +421,57 @@ class Cluster:
             log.info("agent stream closed node=%s", session.node_id)
 
     async def record_statuses(self, session: Session, statuses: Sequence[pb.TaskStatus]) -> None:
-        """Store what the agent observed, for tasks that still exist; written on change only."""
-        async with self._lock:
-            if not self.hub.is_current(session):
-                return
-            ops: list[Op] = []
-            for status in statuses:
-                current = self.state.status_of(status.task_id)
-                if current == status:
-                    continue
+        """Queue what the agent observed; a flusher writes the latest status of each task in
+        batched transactions (agents report several states per task start: writing each in its own
+        round trip would cap throughput near etcd's ~2,000 single writes/s). Events go out now."""
+        if not self.hub.is_current(session):
+            return
+        for status in statuses:
+            previous = self._status_inbox.get(status.task_id) or self.state.status_of(status.task_id)
+            if previous == status:
+                continue
+            if (previous is None or previous.state != status.state) and status.state in _STATE_EVENTS:
                 task = self.state.task_by_id(status.task_id)
-                if (current is None or current.state != status.state) and status.state in _STATE_EVENTS:
-                    node = self.state.nodes.get(session.node_id)
-                    self.events.publish(
-                        _STATE_EVENTS[status.state],
-                        status.error or status.message,
-                        node_id=session.node_id,
-                        node=node.value.name if node else "",
-                        service=task.service if task else status.task_id.split(".")[0],
-                        task=status.task_id,
-                    )
-                if task is None:
+                node = self.state.nodes.get(session.node_id)
+                self.events.publish(
+                    _STATE_EVENTS[status.state],
+                    status.error or status.message,
+                    node_id=session.node_id,
+                    node=node.value.name if node else "",
+                    service=task.service if task else status.task_id.split(".")[0],
+                    task=status.task_id,
+                )
+            self._status_inbox[status.task_id] = status
+        self._status_wake.set()
+
+    async def _flush_statuses(self) -> None:
+        while True:
+            await self._status_wake.wait()
+            await asyncio.sleep(STATUS_FLUSH_DELAY)  # let a burst of reports coalesce
+            self._status_wake.clear()
+            inbox, self._status_inbox = self._status_inbox, {}
+            try:
+                await self._write_statuses(inbox)
+            except UnavailableError as exc:
+                log.warning("statuses not recorded yet: %s", exc)
+                for task_id, status in inbox.items():  # keep them, unless a newer one arrived
+                    self._status_inbox.setdefault(task_id, status)
+                await asyncio.sleep(0.5)
+                self._status_wake.set()
+            except Exception:
+                log.exception("status flush failed")
+
+    async def _write_statuses(self, inbox: dict[str, pb.TaskStatus]) -> None:
+        running = False
+        async with self._lock:
+            ops: list[Op] = []
+            for task_id, status in inbox.items():
+                if self.state.task_by_id(task_id) is None or self.state.status_of(task_id) == status:
                     continue
-                ops.append(self.state.put(self.keys.status(status.task_id), status))
+                ops.append(self.state.put(self.keys.status(task_id), status))
+                running = running or status.state == pb.TASK_STATE_RUNNING
             await self._commit(ops)
-        if any(s.state == pb.TASK_STATE_RUNNING for s in statuses) and self.state.retiring:
+        if running and self.state.retiring:
             self.trigger()  # a replacement may now run: its retiring predecessor can go
 
     # -- liveness ----------------------------------------------------------------------

@@ -147,17 +147,18 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             agent_pb2.ControllerMessage(assignments=agent_pb2.Assignments(full=True, tasks=assigned))
         )
         reader = asyncio.create_task(self._read(session, context))
+        writer = asyncio.create_task(self._write(session, context))
         try:
-            while not reader.done():
-                getter = asyncio.create_task(session.outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    await context.write(getter.result())
-                else:
-                    getter.cancel()
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             reader.cancel()
+            writer.cancel()
             await self.cluster.disconnect(session)
+
+    @staticmethod
+    async def _write(session: Any, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            await context.write(await session.outbox.get())
 
     async def _read(self, session: Any, context: grpc.aio.ServicerContext) -> None:
         while True:

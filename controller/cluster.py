@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 RESYNC_INTERVAL = 5.0  # the loop also runs this often without a trigger (pending tasks, new nodes)
 LIVENESS_TICK = 0.25
 STATUS_FLUSH_DELAY = 0.02
+STALL_LIMIT = 1.0  # a liveness tick this late means the controller itself was not running
 
 _STATE_EVENTS = {
     pb.TASK_STATE_RUNNING: "task-started",
@@ -334,7 +335,7 @@ class Cluster:
                     pb.NODE_AVAILABILITY_PAUSE: "node-pause",
                 }.get(availability, "node-drain")
                 self.events.publish(kind, node_id=node.id, node=node.name)
-            view = self._node_view(node, self.state.tasks_by_node().get(node.id, []))
+            view = self._node_view(node, self.state.tasks_on(node.id))
         self.trigger()
         return view
 
@@ -399,7 +400,7 @@ class Cluster:
             await self._commit(ops)
             self.liveness.seen(reg.node_id)
             session = self.hub.attach(reg.node_id)
-            assigned = self.state.tasks_by_node().get(reg.node_id, [])
+            assigned = self.state.tasks_on(reg.node_id)
         if previous is None:
             self.events.publish("node-joined", f"address {reg.address}", node_id=node.id, node=node.name)
         elif was_down:
@@ -477,8 +478,15 @@ class Cluster:
     # -- liveness ----------------------------------------------------------------------
 
     async def _watch_liveness(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(LIVENESS_TICK)
+            now = time.monotonic()
+            if now - last > STALL_LIMIT:
+                # this process could not read its streams for a while: silence is not evidence
+                log.warning("controller stalled for %.1fs; giving every node a fresh deadline", now - last)
+                self.liveness.fresh(self.state.nodes)
+            last = now
             try:
                 await self.check_liveness()
             except UnavailableError as exc:
@@ -502,6 +510,7 @@ class Cluster:
             now = self.clock()
             ops: list[Op] = []
             down: list[pb.Node] = []
+            silence = {node_id: self.liveness.silent_for(node_id) for node_id in expired}
             for node_id in expired:
                 stored = self.state.nodes.get(node_id)
                 if stored is None or stored.value.state != pb.NODE_STATE_READY:
@@ -512,14 +521,13 @@ class Cluster:
                 ops.append(self.state.put(self.keys.node(node_id), node))
                 down.append(node)
             await self._commit(ops)
-        by_node = self.state.tasks_by_node()
         for node in down:
             self._awaiting_margin.add(node.id)
-            silent = self.liveness.silent_for(node.id)
+            silent = silence[node.id]
             self.events.publish(
                 "node-down", f"no heartbeat for {silent:.1f}s", node_id=node.id, node=node.name
             )
-            for task in by_node.get(node.id, []):
+            for task in self.state.tasks_on(node.id):
                 self.events.publish(
                     "task-lost",
                     f"node {node.name} down",
@@ -619,7 +627,10 @@ class Cluster:
 
     async def _schedule(self, now: float) -> None:
         """Place pending tasks and replacements for tasks on down or draining nodes, in one plan."""
-        step = scheduling_step(
+        # the scheduler is CPU-bound: run it off the event loop so heartbeats keep being
+        # acknowledged while a large batch is placed (we hold the writer lock meanwhile)
+        step = await asyncio.to_thread(
+            scheduling_step,
             self.snapshot(),
             silent_for=self.liveness.silent_for,
             deadline=self.liveness.deadline,

@@ -43,7 +43,8 @@ class EventBus:
             task=task,
             message=message,
         )
-        log.info("event kind=%s node=%s service=%s task=%s msg=%s", kind, node, service, task, message)
+        level = logging.DEBUG if kind.startswith("task-") else logging.INFO
+        log.log(level, "event kind=%s node=%s service=%s task=%s msg=%s", kind, node, service, task, message)
         for queue in self._subscribers:
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):

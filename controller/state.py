@@ -21,9 +21,25 @@ class ClusterState:
     nodes: dict[str, Stored[pb.Node]] = field(default_factory=dict)  # by node id
     retiring: dict[str, Stored[pb.Task]] = field(default_factory=dict)  # by task id
     task_key_by_id: dict[str, str] = field(default_factory=dict)
+    on_node: dict[str, dict[str, pb.Task]] = field(default_factory=dict)  # node id -> task id -> task
 
     def __post_init__(self) -> None:
         self.task_key_by_id = {s.value.id: key for key, s in self.tasks.items()}
+        self.on_node = defaultdict(dict)
+        for stored in (*self.tasks.values(), *self.retiring.values()):
+            self._index(stored.value)
+
+    def _index(self, task: pb.Task) -> None:
+        if task.node_id:
+            self.on_node[task.node_id][task.id] = task
+
+    def _unindex(self, task: pb.Task) -> None:
+        if task.node_id:
+            held = self.on_node.get(task.node_id)
+            if held is not None:
+                held.pop(task.id, None)
+                if not held:
+                    del self.on_node[task.node_id]
 
     @classmethod
     def from_loaded(cls, keys: Keys, loaded: Loaded) -> ClusterState:
@@ -76,12 +92,16 @@ class ClusterState:
             if found is None:
                 continue
             table, name = found
-            if table is self.tasks:
-                old = self.tasks.get(op.key)
+            if table is self.tasks or table is self.retiring:
+                old = table.get(name)
                 if old is not None:
-                    self.task_key_by_id.pop(old.value.id, None)
+                    self._unindex(old.value)
+                    if table is self.tasks:
+                        self.task_key_by_id.pop(old.value.id, None)
                 if isinstance(op, Put):
-                    self.task_key_by_id[op.value.id] = op.key  # type: ignore[attr-defined]
+                    self._index(op.value)  # type: ignore[arg-type]
+                    if table is self.tasks:
+                        self.task_key_by_id[op.value.id] = op.key  # type: ignore[attr-defined]
             if isinstance(op, Put):
                 table[name] = Stored(op.value, revisions[op.key])
             else:
@@ -96,13 +116,10 @@ class ClusterState:
 
     def tasks_by_node(self) -> dict[str, list[pb.Task]]:
         """What each node should run: slot tasks placed there plus retiring tasks still there."""
-        by_node: dict[str, list[pb.Task]] = defaultdict(list)
-        for s in self.tasks.values():
-            if s.value.node_id:
-                by_node[s.value.node_id].append(s.value)
-        for s in self.retiring.values():
-            by_node[s.value.node_id].append(s.value)
-        return by_node
+        return {node_id: list(held.values()) for node_id, held in self.on_node.items()}
+
+    def tasks_on(self, node_id: str) -> list[pb.Task]:
+        return list(self.on_node.get(node_id, {}).values())
 
     def task_by_id(self, task_id: str) -> pb.Task | None:
         key = self.task_key_by_id.get(task_id)

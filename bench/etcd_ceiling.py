@@ -1,0 +1,93 @@
+"""The etcd write ceiling for Berth's write pattern: batched puts, one transaction at a time.
+
+``python -m bench.etcd_ceiling --etcd http://127.0.0.1:2379 [--keys 100000] [--value-size 600]``
+
+Writes ``--keys`` keys of ``--value-size`` bytes under ``--prefix`` (default ``/ceiling/``) in
+transactions of ``--batch`` (128, etcd's default ``--max-txn-ops`` and the controller's
+``MAX_TXN_OPS``) puts, one transaction in flight at a time — how the controller's store commits —
+through aetcd's KV stub, then deletes the prefix. Prints keys/s. ``bench.scheduler`` calls
+:func:`measure` against its own etcd after the placement run, with the mean size of a placed task
+record, so placements/s can be read as a fraction of what etcd takes in that shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
+
+import aetcd
+from aetcd import rpc
+
+MAX_TXN_OPS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    keys: int
+    value_size: int
+    batch: int
+    seconds: float
+    keys_per_s: float
+    txns_per_s: float
+
+
+async def measure(
+    endpoint: str,
+    *,
+    keys: int = 100_000,
+    value_size: int = 600,
+    batch: int = MAX_TXN_OPS,
+    prefix: str = "/ceiling/",
+) -> Ceiling:
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    client = aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=30)
+    await client.connect()
+    try:
+        value = b"x" * value_size
+        base = prefix.encode()
+        started = time.perf_counter()
+        txns = 0
+        for start in range(0, keys, batch):
+            ops = [
+                rpc.RequestOp(request_put=rpc.PutRequest(key=base + b"%08d" % i, value=value))
+                for i in range(start, min(keys, start + batch))
+            ]
+            await client.kvstub.Txn(rpc.TxnRequest(compare=[], success=ops, failure=[]), timeout=30)
+            txns += 1
+        seconds = time.perf_counter() - started
+        await client.delete_prefix(base)
+    finally:
+        await client.close()
+    return Ceiling(
+        keys=keys,
+        value_size=value_size,
+        batch=batch,
+        seconds=round(seconds, 3),
+        keys_per_s=round(keys / seconds, 1),
+        txns_per_s=round(txns / seconds, 1),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.etcd_ceiling", description=__doc__.split("\n")[0])
+    parser.add_argument("--etcd", default="http://127.0.0.1:2379")
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--value-size", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=MAX_TXN_OPS)
+    parser.add_argument("--prefix", default="/ceiling/")
+    args = parser.parse_args()
+    result = asyncio.run(
+        measure(args.etcd, keys=args.keys, value_size=args.value_size, batch=args.batch, prefix=args.prefix)
+    )
+    print(
+        f"{result.keys_per_s:,.0f} keys/s ({result.keys} keys of {result.value_size} B, {result.batch}/txn)"
+    )
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    main()

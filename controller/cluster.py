@@ -566,19 +566,20 @@ class Cluster:
                 new_id=_new_task_id,
                 now=now,
             )
+            # new and replaced tasks are not written yet: they go to etcd once, already placed
+            # (or with their pending reason), in the same batch as the rest of this pass
             ops: list[Op] = []
+            fresh = dict(result.put)
             for key, task in result.put:
                 old = self.state.tasks.get(key)
-                ops.append(self.state.put(key, task))
                 if old is not None and old.value.id != task.id and old.value.id in self.state.statuses:
                     ops.append(self.state.delete(self.keys.status(old.value.id)))
             for key in result.delete:
                 ops += self._delete_task_ops(key, self.state.tasks[key].value)
-            await self._commit(ops)
             if result.put or result.delete:
                 log.info("reconciled created_or_replaced=%d removed=%d", len(result.put), len(result.delete))
             await self._retire_replaced()
-            await self._schedule(now)
+            await self._schedule(now, fresh=fresh, deleted=set(result.delete), ops=ops)
 
     async def _retire_replaced(self) -> None:
         """Drop retiring tasks whose replacement runs (or whose slot or node is gone)."""
@@ -625,13 +626,21 @@ class Cluster:
             margin=self.margin,
         )
 
-    async def _schedule(self, now: float) -> None:
-        """Place pending tasks and replacements for tasks on down or draining nodes, in one plan."""
+    async def _schedule(
+        self, now: float, *, fresh: dict[str, pb.Task], deleted: set[str], ops: list[Op]
+    ) -> None:
+        """Place pending tasks (stored ones and the ``fresh`` ones the reconciler just made) and
+        replacements for tasks on down or draining nodes, in one plan; commit it with ``ops``."""
+        snap = self.snapshot()
+        if fresh or deleted:
+            tasks = {k: t for k, t in snap.tasks.items() if k not in deleted}
+            tasks.update(fresh)
+            snap = Snapshot(services=snap.services, tasks=tasks, nodes=snap.nodes, retiring=snap.retiring)
         # the scheduler is CPU-bound: run it off the event loop so heartbeats keep being
         # acknowledged while a large batch is placed (we hold the writer lock meanwhile)
         step = await asyncio.to_thread(
             scheduling_step,
-            self.snapshot(),
+            snap,
             silent_for=self.liveness.silent_for,
             deadline=self.liveness.deadline,
             margin=self.margin,
@@ -639,26 +648,27 @@ class Cluster:
             new_id=_new_task_id,
         )
         if step.plan is None:
+            ops += [self.state.put(key, task) for key, task in fresh.items()]
+            await self._commit(ops)
             return
         plan, pending, replacements = step.plan, step.pending, step.replacements
-        ops: list[Op] = []
         moved: list[tuple[Replacement, pb.Task]] = []
         for p in plan.placements:
             if p.task_id in pending:
                 key, task = pending[p.task_id]
                 ops.append(self.state.put(key, placement.placed(task, p, now)))
             else:
-                r, fresh = replacements[p.task_id]
-                ops.append(self.state.put(r.key, placement.placed(fresh, p, now)))
+                r, new = replacements[p.task_id]
+                ops.append(self.state.put(r.key, placement.placed(new, p, now)))
                 if r.retire:
                     ops.append(self.state.put(self.keys.retiring_task(r.old.id), r.old))
                 elif r.old.id in self.state.statuses:
                     ops.append(self.state.delete(self.keys.status(r.old.id)))
-                moved.append((r, fresh))
+                moved.append((r, new))
         for w in plan.pending:
             if w.task_id in pending:
                 key, task = pending[w.task_id]
-                if task.pending_reason != w.reason:
+                if task.pending_reason != w.reason or key in fresh:
                     ops.append(self.state.put(key, placement.with_reason(task, w.reason)))
             else:
                 r, _ = replacements[w.task_id]
@@ -674,10 +684,10 @@ class Cluster:
                 service=placed_task.service if placed_task else "",
                 task=p.task_id,
             )
-        for r, fresh in moved:
+        for r, new in moved:
             self.events.publish(
                 "task-replaced",
-                f"{r.reason}: replaced by {fresh.id}",
+                f"{r.reason}: replaced by {new.id}",
                 node=names.get(r.old.node_id, ""),
                 service=r.old.service,
                 task=r.old.id,

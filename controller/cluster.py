@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 RESYNC_INTERVAL = 5.0  # the loop also runs this often without a trigger (pending tasks, new nodes)
 LIVENESS_TICK = 0.25
 STATUS_FLUSH_DELAY = 0.02
+COALESCE_DELAY = 0.02
 STALL_LIMIT = 1.0  # a liveness tick this late means the controller itself was not running
 
 _STATE_EVENTS = {
@@ -544,6 +545,7 @@ class Cluster:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=RESYNC_INTERVAL)
+            await asyncio.sleep(COALESCE_DELAY)  # a burst of API calls becomes one pass
             self._wake.clear()
             try:
                 await self.reconcile_once()

@@ -54,10 +54,13 @@ def scheduling_step(
     new_id: Callable[[str, int], str],
 ) -> Step:
     step = Step()
-    ordered = sorted(snap.tasks.items(), key=lambda kv: (kv[1].service, kv[1].slot))
-    step.pending = {
-        t.id: (key, t) for key, t in ordered if not t.node_id and t.desired_state == pb.TASK_STATE_RUNNING
-    }
+    unplaced = [
+        (key, t)
+        for key, t in snap.tasks.items()
+        if not t.node_id and t.desired_state == pb.TASK_STATE_RUNNING
+    ]
+    unplaced.sort(key=lambda kv: (kv[1].service, kv[1].slot))
+    step.pending = {t.id: (key, t) for key, t in unplaced}
     for r in plan_replacements(
         tasks=snap.tasks,
         nodes=snap.nodes,

@@ -26,9 +26,7 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,13 @@ from types import FrameType
 from typing import Any
 
 from berth.cli.client import Client
-from berth.cli.devcluster import DevCluster, DevClusterConfig, DevClusterError
+from berth.cli.devcluster import (
+    DevCluster,
+    DevClusterConfig,
+    DevClusterError,
+    free_port_pairs,
+    free_subnet_index,
+)
 from berth.cli.errors import CliError
 from berth.proto.berth.v1 import cluster_pb2, types_pb2
 
@@ -60,34 +64,15 @@ def say(line: str) -> None:
 # -- cluster setup -----------------------------------------------------------------------------------
 
 
-def _pair_free(port: int) -> bool:
-    for p in (port, port + 1):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("0.0.0.0", p))
-            except OSError:
-                return False
-    return True
-
-
 def free_ports(n: int) -> list[int]:
-    """n ports, each with its successor free too (etcd takes port and port+1)."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    chosen: list[int] = []
-    while len(chosen) < n:
-        p = rng.randrange(40000, 50000, 2)
-        if p not in chosen and _pair_free(p):
-            chosen.append(p)
-    return chosen
+    return free_port_pairs(n, 40000, 50000)
 
 
-def free_subnet_index() -> int:
-    routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True, check=True).stdout
-    for k in range(1, 10):
-        if not any(line.startswith((f"10.{210 + k}.", f"10.{220 + k}.")) for line in routes.splitlines()):
-            return k
-    raise SystemExit("no free dev-cluster subnet (10.211-219 are all routed here)")
+def free_subnet() -> int:
+    index = free_subnet_index()
+    if index is None:
+        raise SystemExit("no free dev-cluster subnet (10.211-219 are all routed here)")
+    return index
 
 
 def owner_alive(name: str) -> bool:
@@ -114,7 +99,7 @@ def make_cluster(hosts: int) -> DevCluster:
             etcd_port=etcd,
             registry_port=registry,
             controller_port=controller,
-            subnet_index=free_subnet_index(),
+            subnet_index=free_subnet(),
         )
     )
 

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -227,6 +228,27 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def free_port_pairs(n: int, low: int, high: int) -> list[int]:
+    """``n`` free ports in ``[low, high)``, each with its successor free too (etcd takes port and
+    port+1), for clusters that must not collide with others on this machine (tests, benches)."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    chosen: list[int] = []
+    while len(chosen) < n:
+        p = rng.randrange(low, high, 2)
+        if p not in chosen and _port_free(p) and _port_free(p + 1):
+            chosen.append(p)
+    return chosen
+
+
+def free_subnet_index(order: Iterable[int] = range(1, 10)) -> int | None:
+    """The first subnet index (1-9) whose host and container ranges are not routed here."""
+    routes = _run(["ip", "-4", "route", "show"]).stdout.splitlines()
+    for k in order:
+        if not any(line.startswith((f"10.{210 + k}.", f"10.{220 + k}.")) for line in routes):
+            return k
+    return None
 
 
 def _tail(path: str | Path, lines: int = 15) -> str:

@@ -38,17 +38,19 @@ def nodes(c: DevCluster) -> list[dict[str, Any]]:
     return list(json.loads(berth(c, "node", "ls", "-o", "json").stdout))
 
 
-def wait_for(check: Callable[[], T], timeout: float, what: str) -> T:
+def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Poll ``check`` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = check()
+            value = check()
         except (AssertionError, OSError, subprocess.SubprocessError) as exc:
             last = exc
         else:
-            if last:
-                return last
+            if value:
+                return value
+            last = value
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 

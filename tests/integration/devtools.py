@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from berth.cli.devcluster import DevClusterConfig
+from berth.cli.devcluster import DevClusterConfig, free_port_pairs, free_subnet_index
 
 BASE_DIR = Path("/var/tmp/berth-devtest")
 
@@ -32,34 +29,15 @@ def owner_alive(name: str) -> bool:
     return True
 
 
-def port_pair_free(port: int) -> bool:
-    for p in (port, port + 1):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("0.0.0.0", p))
-            except OSError:
-                return False
-    return True
-
-
 def free_ports(n: int) -> list[int]:
-    """n ports, each with its successor free too (etcd uses port and port+1)."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    chosen: list[int] = []
-    while len(chosen) < n:
-        p = rng.randrange(20000, 30000, 2)
-        if p not in chosen and port_pair_free(p):
-            chosen.append(p)
-    return chosen
+    return free_port_pairs(n, 20000, 30000)
 
 
-def free_subnet_index() -> int:
-    routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True, check=True).stdout
-    for k in range(9, 0, -1):
-        if not any(line.startswith((f"10.{210 + k}.", f"10.{220 + k}.")) for line in routes.splitlines()):
-            return k
-    pytest.skip("no free dev-cluster subnet (10.211-219 all in use)")
+def free_subnet() -> int:
+    index = free_subnet_index(range(9, 0, -1))
+    if index is None:
+        pytest.skip("no free dev-cluster subnet (10.211-219 all in use)")
+    return index
 
 
 def make_config(suffix: str, hosts: int = 2) -> DevClusterConfig:
@@ -71,7 +49,7 @@ def make_config(suffix: str, hosts: int = 2) -> DevClusterConfig:
         etcd_port=etcd,
         registry_port=registry,
         controller_port=controller,
-        subnet_index=free_subnet_index(),
+        subnet_index=free_subnet(),
     )
 
 

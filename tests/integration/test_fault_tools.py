@@ -14,13 +14,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from berth.cli.devcluster import DevCluster
+from tests.integration.clusterkit import berth, containers, of_service, wait_for
 from tests.integration.devtools import BASE_DIR, make_config, owner_alive, traces
 
 pytestmark = pytest.mark.integration
@@ -53,36 +54,10 @@ def cluster() -> Iterator[DevCluster]:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def berth(c: DevCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BERTH_ADDR": c.controller_address}
-    proc = subprocess.run(
-        [sys.executable, "-m", "berth.cli.main", *args], env=env, capture_output=True, text=True, timeout=120
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"berth {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-    return proc
-
-
 def dev(
     c: DevCluster, command: str, host: str, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     return berth(c, "dev", command, host, "--name", c.name, "--base-dir", str(BASE_DIR), *extra, check=check)
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except (AssertionError, OSError, subprocess.SubprocessError) as exc:
-            last = exc
-        else:
-            if value:
-                return value
-            last = value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def runc_list(c: DevCluster, host: str) -> list[dict[str, Any]]:
@@ -97,12 +72,7 @@ def runc_list(c: DevCluster, host: str) -> list[dict[str, Any]]:
 
 def running(c: DevCluster) -> dict[str, tuple[str, int]]:
     """Containers of the service that runc reports running: task id -> (host, pid)."""
-    return {
-        e["id"]: (host, int(e["pid"]))
-        for host in c.hosts
-        for e in runc_list(c, host)
-        if e["status"] == "running" and e["id"].startswith(f"{SERVICE}.")
-    }
+    return of_service(containers(c), SERVICE)
 
 
 def settle(c: DevCluster) -> dict[str, tuple[str, int]]:

@@ -511,10 +511,14 @@ class Cluster:
             now = self.clock()
             ops: list[Op] = []
             down: list[pb.Node] = []
+            # re-judge under the lock: waiting for it (behind a big placement pass) may have let
+            # the node's heartbeats through again
             silence = {node_id: self.liveness.silent_for(node_id) for node_id in expired}
             for node_id in expired:
                 stored = self.state.nodes.get(node_id)
                 if stored is None or stored.value.state != pb.NODE_STATE_READY:
+                    continue
+                if silence[node_id] <= self.liveness.deadline:
                     continue
                 node = _copy_node(stored.value)
                 node.state = pb.NODE_STATE_DOWN

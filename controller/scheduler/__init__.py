@@ -4,7 +4,8 @@ No I/O, no clock, no protobuf: the controller converts its stored messages to th
 :mod:`.model`, calls :func:`schedule`, and converts the :class:`Plan` back. See :mod:`.core` for
 the flow (and :func:`explain`, the per-node verdicts for ``berth plan``), :mod:`.filters` for
 feasibility and reason codes, :mod:`.scoring` for the ranking rule
-and :mod:`.ports` for host port allocation.
+and :mod:`.ports` for host port allocation; :mod:`.replicas` is the fast path for runs of identical
+replicas (the same plan as placing them one by one).
 """
 
 from .core import DEFAULT_DYNAMIC_PORTS, explain, schedule

@@ -8,8 +8,10 @@ The flow for each task, in the given order:
     ports.allocate + NodeTable.commit -> the working copy sees the placement
 
 or, with no candidate, a :class:`Pending` whose reason counts each node under its first failing
-filter. Nothing here does I/O, reads a clock or draws unseeded randomness: the same input gives
-the same plan. The controller's plan applier re-checks the plan against fresh state.
+filter. A run of identical replicas (same service and shape, only ids and slots differ) gives the
+same answers through :mod:`.replicas`, which runs the filters and ranks the nodes once per run.
+Nothing here does I/O, reads a clock or draws unseeded randomness: the same input gives the same
+plan. The controller's plan applier re-checks the plan against fresh state.
 
 :func:`explain` runs the same filters and rankers for one task and reports on every node, for
 ``berth plan``.
@@ -21,7 +23,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from . import filters, scoring
+from . import filters, replicas, scoring
 from .model import IntArray, NodeInfo, NodeTable, NodeVerdict, Pending, Placement, Plan, TaskRequest
 from .ports import PortBook
 
@@ -35,17 +37,30 @@ def schedule(
     *,
     dynamic_ports: tuple[int, int] = DEFAULT_DYNAMIC_PORTS,
     seed: int = 0,
+    _fast: bool = True,
 ) -> Plan:
-    """Place ``tasks`` (in order) on ``nodes``; return the placements and the pending tasks."""
+    """Place ``tasks`` (in order) on ``nodes``; return the placements and the pending tasks.
+
+    Runs of identical replicas (consecutive tasks equal but for id and slot) take the fast path of
+    :mod:`.replicas`, which gives the same plan as placing them one by one; ``_fast=False`` (for
+    tests) places every task one by one.
+    """
     run = _Run(nodes, tasks, dynamic_ports=dynamic_ports, seed=seed)
     placements: list[Placement] = []
     pending: list[Pending] = []
-    for task in tasks:
-        outcome = run.place(task)
-        if isinstance(outcome, Placement):
-            placements.append(outcome)
+    start = 0
+    while start < len(tasks):
+        end = replicas.run_end(tasks, start) if _fast else start + 1
+        if end - start >= replicas.MIN_RUN and replicas.eligible(tasks[start]):
+            outcomes = run.place_replicas(tasks[start:end])
         else:
-            pending.append(outcome)
+            outcomes = [run.place(task) for task in tasks[start:end]]
+        for outcome in outcomes:
+            if isinstance(outcome, Placement):
+                placements.append(outcome)
+            else:
+                pending.append(outcome)
+        start = end
     return Plan(placements=tuple(placements), pending=tuple(pending))
 
 
@@ -109,6 +124,35 @@ class _Run:
         mapped = self.ports.allocate(row, task.ports)
         self.table.commit(row, request, task.service)
         return Placement(task_id=task.task_id, node_id=self.table.ids[row], ports=mapped)
+
+    def place_replicas(self, tasks: Sequence[TaskRequest]) -> list[Placement | Pending]:
+        """Place a run of identical replicas (:func:`.replicas.run_end`): the same outcomes as
+        :meth:`place` for each in turn, by ranking the nodes once (see :mod:`.replicas`)."""
+        first = tasks[0]
+        if self._known_unplaceable(first) is not None:
+            return [self.place(task) for task in tasks]
+        request = self.request(first)
+        checks = filters.run_filters(self.table, self.ports, first, request)
+        rows = np.flatnonzero(filters.feasible(self.table.size, checks))
+        if rows.size == 0:
+            return [self.place(task) for task in tasks]
+        slots = [task.slot for task in tasks]
+        index = replicas.ReplicaIndex.start(self.table, self.ports, first, request, rows, slots)
+        if index is None:
+            return [self.place(task) for task in tasks]
+        outcomes: list[Placement | Pending] = []
+        for done, task in enumerate(tasks):
+            row = index.take()
+            if row < 0:  # no node left: the per-task path says why (and remembers it)
+                outcomes.extend(self.place(task) for task in tasks[done:])
+                break
+            mapped = self.ports.allocate(row, task.ports) if task.ports else ()
+            self.table.commit(row, request, task.service)
+            outcomes.append(Placement(task_id=task.task_id, node_id=self.table.ids[row], ports=mapped))
+            if not index.update(row):
+                outcomes.extend(self.place(task) for task in tasks[done + 1 :])
+                break
+        return outcomes
 
     def request(self, task: TaskRequest) -> IntArray:
         """The task's request as a row of the table; a negative request frees nothing."""

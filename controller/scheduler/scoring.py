@@ -123,10 +123,14 @@ def spread_counts(table: NodeTable, rows: IntArray, service: str) -> IntArray:
     return counts
 
 
+def slot_hash(table: NodeTable, service: str, slot: int) -> int:
+    """The seeded hash of a service's slot that :func:`tie_keys` mixes with each node's."""
+    return stable_hash(table.seed, f"{service}\0{slot}")
+
+
 def tie_keys(table: NodeTable, rows: IntArray, service: str, slot: int) -> HashArray:
     """Seeded, process-stable pseudo-random key per node in ``rows`` for a service's slot."""
-    slot_hash = np.uint64(stable_hash(table.seed, f"{service}\0{slot}"))
-    return mix64(table.node_hashes[rows] ^ slot_hash)
+    return mix64(table.node_hashes[rows] ^ np.uint64(slot_hash(table, service, slot)))
 
 
 def rankers(table: NodeTable, request: IntArray, task: TaskRequest) -> list[Ranker]:

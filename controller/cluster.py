@@ -600,6 +600,7 @@ class Cluster:
                 self.events.publish(
                     "task-retired",
                     "its replacement runs",
+                    node_id=old.node_id,
                     node=node.value.name if node else "",
                     service=old.service,
                     task=old.id,
@@ -694,6 +695,7 @@ class Cluster:
             self.events.publish(
                 "task-replaced",
                 f"{r.reason}: replaced by {new.id}",
+                node_id=r.old.node_id,
                 node=names.get(r.old.node_id, ""),
                 service=r.old.service,
                 task=r.old.id,

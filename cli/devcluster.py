@@ -715,10 +715,6 @@ class DevCluster:
         return f"10.{210 + self.config.subnet_index}.0.1"
 
     @property
-    def bridge_cidr(self) -> str:
-        return f"10.{210 + self.config.subnet_index}.0.0/24"
-
-    @property
     def nft_table(self) -> str:
         return f"berth_dev_{self.config.name}"
 

@@ -159,8 +159,10 @@ def plan(
     ),
     output: OutputFormat = typer.Option(OutputFormat.auto, "--output", "-o", help="table, json or auto."),
 ) -> None:
-    """Show what `berth service apply -f FILE` would do: placements, pending reasons, per-node
-    verdicts and scores; changes nothing. With --cluster, answers "how many hosts would this need"."""
+    """Show what `berth service apply -f FILE` would do, changing nothing.
+
+    Placements, pending reasons, and per-node verdicts and scores. With --cluster nodes.yaml it
+    plans offline against hypothetical nodes: how many hosts would this need?"""
     request = cluster_pb2.PlanRequest(specs=load_file(file))
     if cluster is not None:
         nodes = load_cluster(cluster)

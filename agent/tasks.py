@@ -46,6 +46,9 @@ class Backoff:
         return float(min(self.maximum, self.initial * (2 ** max(0, attempt - 1))))
 
 
+RETRY_BACKOFF = Backoff(initial=1.0, maximum=30.0)  # image pulls and container creation
+
+
 def container_spec(task: pb.Task, node_name: str) -> ContainerSpec:
     spec = task.spec
     return ContainerSpec(
@@ -149,14 +152,14 @@ class TaskRunner:
                 started_at=running.started_at,
                 image_digest=running.image_digest,
             )
-            await self._supervise(running, created=True)
+            await self._supervise(running)
             return
         if self.adopt is not None:  # created earlier but not running: start it again
-            await self._supervise(None, created=True)
+            await self._supervise(None)
             return
         image = await self._pull()
         await self._create(image)
-        await self._supervise(None, created=True)
+        await self._supervise(None)
 
     async def _pull(self) -> ImageInfo:
         attempt = 0
@@ -166,7 +169,7 @@ class TaskRunner:
             try:
                 return await self.runtime.pull(self.task.spec.image)
             except ImagePullError as exc:
-                delay = Backoff(initial=1.0, maximum=30.0).delay(attempt)
+                delay = RETRY_BACKOFF.delay(attempt)
                 self._report(
                     pb.TASK_STATE_REJECTED,
                     f"retrying in {delay:.0f}s",
@@ -186,13 +189,13 @@ class TaskRunner:
             except RuntimeFailure as exc:
                 with contextlib.suppress(RuntimeFailure):
                     await self.runtime.remove(self.task.id)
-                delay = Backoff(initial=1.0, maximum=30.0).delay(attempt)
+                delay = RETRY_BACKOFF.delay(attempt)
                 self._report(
                     pb.TASK_STATE_REJECTED, f"retrying in {delay:.0f}s", error=f"create failed: {exc.reason}"
                 )
                 await asyncio.sleep(delay)
 
-    async def _supervise(self, running: RunningContainer | None, *, created: bool) -> None:
+    async def _supervise(self, running: RunningContainer | None) -> None:
         failures = 0
         last_exit = ""
         policy = self.task.spec.restart

@@ -45,6 +45,7 @@ from berth.cli.devcluster import (
     free_port_pairs,
     free_subnet_index,
 )
+from berth.cli.devcluster import owner_alive as cluster_owner_alive
 from berth.cli.errors import CliError
 from berth.proto.berth.v1 import cluster_pb2, types_pb2
 
@@ -76,17 +77,7 @@ def free_subnet() -> int:
 
 
 def owner_alive(name: str) -> bool:
-    """Bench clusters are named bf<pid>: leave those whose bench still runs."""
-    digits = name.removeprefix(NAME_PREFIX)
-    if not digits.isdigit():
-        return False
-    try:
-        os.kill(int(digits), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return cluster_owner_alive(name, NAME_PREFIX)
 
 
 def make_cluster(hosts: int) -> DevCluster:

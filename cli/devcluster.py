@@ -230,6 +230,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def owner_alive(name: str, prefix: str) -> bool:
+    """Whether the process whose pid follows ``prefix`` in a cluster name (``dt1234a``) still runs:
+    tests and benches name clusters so, and sweep only the leftovers of dead runs."""
+    match = re.match(rf"{re.escape(prefix)}(\d+)", name)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def free_port_pairs(n: int, low: int, high: int) -> list[int]:
     """``n`` free ports in ``[low, high)``, each with its successor free too (etcd takes port and
     port+1), for clusters that must not collide with others on this machine (tests, benches)."""

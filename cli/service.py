@@ -12,8 +12,11 @@ from berth.cli.client import Client
 from berth.cli.errors import CliError, InputError
 from berth.cli.render import OutputFormat, emit
 from berth.cli.spec import (
+    NETWORKS,
     ON_DISCONNECT,
+    RESTARTS,
     STRATEGIES,
+    choice,
     load_file,
     parse_constraint,
     parse_env,
@@ -117,28 +120,15 @@ def create(
     spec.ports.extend(parse_port(p, f"--port {p}") for p in port)
     spec.env.update(parse_env(env, "--env"))
     spec.constraints.extend(parse_constraint(c, "--constraint") for c in constraint)
-    if network not in ("bridge", "host"):
-        raise InputError(f"--network: {network!r} is not bridge or host")
-    spec.network = pb.NETWORK_MODE_HOST if network == "host" else pb.NETWORK_MODE_BRIDGE
-    restarts = {
-        "always": pb.RESTART_POLICY_ALWAYS,
-        "on-failure": pb.RESTART_POLICY_ON_FAILURE,
-        "never": pb.RESTART_POLICY_NEVER,
-    }
-    if restart not in restarts:
-        raise InputError(f"--restart: {restart!r} is not always, on-failure or never")
-    spec.restart = restarts[restart]
+    spec.network = choice("--network", network, NETWORKS)  # type: ignore[assignment]
+    spec.restart = choice("--restart", restart, RESTARTS)  # type: ignore[assignment]
     for item in resource:
         name, amount = parse_resource(item, "--resource")
         spec.resources.scalars[name] = amount
     spec.max_per_node = parse_replicas(max_per_node, "--max-per-node")
     spec.spread.extend(spread)
-    if strategy not in STRATEGIES:
-        raise InputError(f"--strategy: {strategy!r} is not binpack or spread")
-    spec.strategy = STRATEGIES[strategy]
-    if on_disconnect not in ON_DISCONNECT:
-        raise InputError(f"--on-disconnect: {on_disconnect!r} is not keep or stop")
-    spec.on_disconnect = ON_DISCONNECT[on_disconnect]
+    spec.strategy = choice("--strategy", strategy, STRATEGIES)  # type: ignore[assignment]
+    spec.on_disconnect = choice("--on-disconnect", on_disconnect, ON_DISCONNECT)  # type: ignore[assignment]
     client = Client()
     service = client.call(client.stub.CreateService, cluster_pb2.CreateServiceRequest(spec=spec))
     typer.echo(service.spec.name)

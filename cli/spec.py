@@ -7,6 +7,7 @@ the CLI can see: YAML syntax, unknown fields, wrong types, unparseable quantitie
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,7 @@ def quantity(field: str, value: Any, parse: Any) -> int:
         raise InputError(f"{field}: {exc}") from None
 
 
-def _choice(field: str, value: Any, choices: Mapping[str, int]) -> int:
+def choice(field: str, value: Any, choices: Mapping[str, int]) -> int:
     if value not in choices:
         raise InputError(f"{field}: {value!r} is not one of {', '.join(choices)}")
     return choices[value]
@@ -192,11 +193,11 @@ def from_mapping(data: Any, source: str = "spec") -> pb.ServiceSpec:
     for k, v in data.get("env", {}).items():
         spec.env[str(k)] = "" if v is None else str(v)
     if "network" in data:
-        spec.network = _choice("network", data["network"], NETWORKS)  # type: ignore[assignment]
+        spec.network = choice("network", data["network"], NETWORKS)  # type: ignore[assignment]
     if "restart" in data:
-        spec.restart = _choice("restart", data["restart"], RESTARTS)  # type: ignore[assignment]
+        spec.restart = choice("restart", data["restart"], RESTARTS)  # type: ignore[assignment]
     if "on_disconnect" in data:
-        spec.on_disconnect = _choice("on_disconnect", data["on_disconnect"], ON_DISCONNECT)  # type: ignore[assignment]
+        spec.on_disconnect = choice("on_disconnect", data["on_disconnect"], ON_DISCONNECT)  # type: ignore[assignment]
     if "max_per_node" in data:
         spec.max_per_node = parse_replicas(data["max_per_node"], "max_per_node")
     if "spread" in data:
@@ -206,7 +207,7 @@ def from_mapping(data: Any, source: str = "spec") -> pb.ServiceSpec:
             raise InputError("spread: must be a label key or a list of label keys, e.g. zone")
         spec.spread.extend(str(k) for k in spread)
     if "strategy" in data:
-        spec.strategy = _choice("strategy", data["strategy"], STRATEGIES)  # type: ignore[assignment]
+        spec.strategy = choice("strategy", data["strategy"], STRATEGIES)  # type: ignore[assignment]
     if "pids_limit" in data:
         spec.pids_limit = parse_replicas(data["pids_limit"], "pids_limit")
     return spec
@@ -215,7 +216,7 @@ def from_mapping(data: Any, source: str = "spec") -> pb.ServiceSpec:
 def load_file(path: Path) -> list[pb.ServiceSpec]:
     """Read one or more specs (YAML documents separated by ``---``)."""
     try:
-        text = path.read_text() if str(path) != "-" else __import__("sys").stdin.read()
+        text = path.read_text() if str(path) != "-" else sys.stdin.read()
     except OSError as exc:
         raise InputError(f"-f: cannot read {path}: {exc.strerror}") from None
     try:

@@ -146,10 +146,10 @@ def preview(
     names = {nid: n.name for nid, n in snap.nodes.items()}
     wanted = {spec.name for spec in specs}
     response = cluster_pb2.PlanResponse(removed=sorted(removed))
-    placed_now: dict[str, tuple[str, float]] = {}
+    placed_now: dict[str, str] = {}
     if step.plan is not None:
         for p in step.plan.placements:
-            placed_now[p.task_id] = (p.node_id, 0.0)
+            placed_now[p.task_id] = p.node_id
         for w in step.plan.pending:
             task = (
                 step.pending[w.task_id][1] if w.task_id in step.pending else step.replacements[w.task_id][1]
@@ -162,7 +162,7 @@ def preview(
         if task.service not in wanted:
             continue
         if task.id in placed_now:
-            node_id = placed_now[task.id][0]
+            node_id = placed_now[task.id]
             response.placements.add(
                 service=task.service, slot=task.slot, node_id=node_id, node=names.get(node_id, "")
             )

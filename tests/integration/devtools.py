@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 
 from berth.cli.devcluster import DevClusterConfig, free_port_pairs, free_subnet_index
+from berth.cli.devcluster import owner_alive as cluster_owner_alive
 
 BASE_DIR = Path("/var/tmp/berth-devtest")
 
 
 def owner_alive(name: str) -> bool:
-    """Clusters are named dt<pid>[x]: keep those whose test process still runs (another session's run)."""
-    digits = "".join(c for c in name[2:] if c.isdigit())
-    if not digits:
-        return False
-    try:
-        os.kill(int(digits), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return cluster_owner_alive(name, "dt")
 
 
 def free_ports(n: int) -> list[int]:

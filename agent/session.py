@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2.0
 WATCHDOG_TICK = 0.2
+STATUS_BATCH_DELAY = 0.01  # status changes this close together travel in one message
 DEFAULT_DEADLINE = 4.0
 
 
@@ -58,12 +59,24 @@ class Session:
         self.acked_at = time.monotonic()  # send time of the last acknowledged heartbeat
         self._abandon = asyncio.Event()
         self._stopped_for_disconnect = False
+        self._batch: list[pb.TaskStatus] = []
 
     def report(self, status: pb.TaskStatus) -> None:
         """Queue a status change for the controller (sent in order; dropped on disconnect and
-        re-sent in full on reconnect)."""
-        if self.connected.is_set():
-            self._outbox.put_nowait(agent_pb2.AgentMessage(status=agent_pb2.StatusReport(statuses=[status])))
+        re-sent in full on reconnect). Changes within ``STATUS_BATCH_DELAY`` share one message:
+        a node starting twenty tasks sends one report, not eighty."""
+        if not self.connected.is_set():
+            return
+        if not self._batch:
+            asyncio.get_running_loop().call_later(STATUS_BATCH_DELAY, self._send_batch, self._outbox)
+        self._batch.append(status)
+
+    def _send_batch(self, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
+        if outbox is not self._outbox:
+            return  # scheduled on a stream that has since been replaced: its batch is gone too
+        batch, self._batch = self._batch, []
+        if batch and self.connected.is_set():
+            outbox.put_nowait(agent_pb2.AgentMessage(status=agent_pb2.StatusReport(statuses=batch)))
 
     async def run_forever(self, recovered: list[pb.TaskStatus]) -> None:
         watchdog = asyncio.create_task(self._watchdog())
@@ -96,6 +109,7 @@ class Session:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
             stub = agent_pb2_grpc.AgentAPIStub(channel)
             self._outbox = asyncio.Queue()
+            self._batch = []
             ident = self.identity
             register = agent_pb2.Register(
                 node_id=ident.node_id,
@@ -145,9 +159,12 @@ class Session:
                     a = message.assignments
                     self.manager.apply(a.tasks, a.removed, full=a.full)
                 elif kind == "heartbeat_ack":
-                    sent = message.heartbeat_ack.sent_at
-                    self.acked_at = max(self.acked_at, sent)
-                    self.last_rtt = time.monotonic() - sent
+                    ack = message.heartbeat_ack
+                    self.acked_at = max(self.acked_at, ack.sent_at)
+                    self.last_rtt = time.monotonic() - ack.sent_at
+                    # the controller stretches the timing as the cluster grows
+                    self.heartbeat_interval = ack.heartbeat_interval or self.heartbeat_interval
+                    self.node_deadline = ack.node_deadline or self.node_deadline
         finally:
             if heartbeats is not None:
                 heartbeats.cancel()

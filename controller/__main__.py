@@ -12,6 +12,7 @@ import typer
 from berth.controller.api import AgentService, ClusterService
 from berth.controller.cluster import Cluster
 from berth.controller.logs import setup_logging
+from berth.controller.nodes import MAX_HEARTBEATS_PER_SECOND, Liveness
 from berth.controller.store import Store, StoreError
 from berth.proto.berth.v1 import agent_pb2_grpc, cluster_pb2_grpc
 
@@ -20,7 +21,7 @@ log = logging.getLogger("berth.controller")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-async def serve(etcd: str, listen: list[str], prefix: str) -> None:
+async def serve(etcd: str, listen: list[str], prefix: str, max_heartbeats: float) -> None:
     store = Store(etcd, prefix)
     while True:
         try:
@@ -29,7 +30,7 @@ async def serve(etcd: str, listen: list[str], prefix: str) -> None:
         except StoreError as exc:
             log.warning("waiting for etcd: %s", exc)
             await asyncio.sleep(1.0)
-    cluster = Cluster(store)
+    cluster = Cluster(store, liveness=Liveness(max_heartbeats_per_second=max_heartbeats))
     await cluster.start()
     # keepalive pings reap streams of agents that vanished without a FIN (power loss, partition)
     server = grpc.aio.server(
@@ -66,11 +67,17 @@ def main(
     ),
     prefix: str = typer.Option("/berth/", help="Key prefix for all state in etcd."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    max_heartbeats_per_second: float = typer.Option(
+        MAX_HEARTBEATS_PER_SECOND,
+        min=1.0,
+        help="Heartbeats the controller handles per second in all: past this many nodes the "
+        "heartbeat interval (1 s) and the node deadline (4 s) stretch with the node count.",
+    ),
 ) -> None:
     """Run the Berth controller: keeps declared services placed and running across agents."""
     setup_logging(log_level)
     try:
-        asyncio.run(serve(etcd, listen, prefix))
+        asyncio.run(serve(etcd, listen, prefix, max_heartbeats_per_second))
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 

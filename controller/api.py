@@ -23,7 +23,6 @@ from berth.controller.errors import (
     NotFoundError,
     UnavailableError,
 )
-from berth.controller.nodes import HEARTBEAT_INTERVAL
 from berth.proto.berth.v1 import agent_pb2, agent_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             agent_pb2.ControllerMessage(
                 registered=agent_pb2.Registered(
                     node_id=session.node_id,
-                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    heartbeat_interval=self.cluster.liveness.interval,
                     node_deadline=self.cluster.liveness.deadline,
                 )
             )
@@ -168,11 +167,13 @@ class AgentService(agent_pb2_grpc.AgentAPIServicer):
             self.cluster.heard(session)
             kind = message.WhichOneof("msg")
             if kind == "heartbeat":
-                session.outbox.put_nowait(
-                    agent_pb2.ControllerMessage(
-                        heartbeat_ack=agent_pb2.HeartbeatAck(sent_at=message.heartbeat.sent_at)
-                    )
+                live = self.cluster.liveness
+                ack = agent_pb2.HeartbeatAck(
+                    sent_at=message.heartbeat.sent_at,
+                    heartbeat_interval=live.interval,
+                    node_deadline=live.deadline,
                 )
+                session.outbox.put_nowait(agent_pb2.ControllerMessage(heartbeat_ack=ack))
             elif kind == "status":
                 try:
                     await self.cluster.record_statuses(session, message.status.statuses)

@@ -93,6 +93,7 @@ class Cluster:
         loaded = await self.store.load()
         self.state = ClusterState.from_loaded(self.keys, loaded)
         self.liveness.fresh(self.state.nodes)  # judge no node before it had a chance to reconnect
+        self.liveness.scale_to(len(self.state.nodes))
         log.info(
             "state loaded revision=%d services=%d tasks=%d nodes=%d",
             loaded.revision,
@@ -399,6 +400,13 @@ class Cluster:
             if previous is None or previous.value != node:
                 ops.append(self.state.put(self.keys.node(reg.node_id), node))
             await self._commit(ops)
+            if self.liveness.scale_to(len(self.state.nodes)):
+                log.info(
+                    "heartbeat timing stretched nodes=%d interval=%.2fs deadline=%.1fs",
+                    len(self.state.nodes),
+                    self.liveness.interval,
+                    self.liveness.deadline,
+                )
             self.liveness.seen(reg.node_id)
             session = self.hub.attach(reg.node_id)
             assigned = self.state.tasks_on(reg.node_id)

@@ -10,6 +10,13 @@ started elsewhere.
 
 A controller that starts (or restarts, or takes over) gives every known node a fresh deadline
 before judging it: a controller restart reschedules nothing.
+
+Large clusters stretch the timing, as Nomad does with ``max_heartbeats_per_second``: the
+controller handles at most ``MAX_HEARTBEATS_PER_SECOND`` heartbeats in all, so past 1,000 nodes
+the interval grows with the node count and the deadline with it (4 intervals): 5,000 nodes
+heartbeat every 5 s and are declared down after 20 s of silence. Every heartbeat ack carries the
+current timing and agents follow it. Within one controller's life the timing only grows: an agent
+that was told a long interval is never judged by a shorter deadline.
 """
 
 from __future__ import annotations
@@ -20,15 +27,37 @@ from collections.abc import Callable, Iterable
 HEARTBEAT_INTERVAL = 1.0
 NODE_DEADLINE = 4.0
 AT_MOST_ONE_MARGIN = 2.0
+MAX_HEARTBEATS_PER_SECOND = 1000.0
 
 
 class Liveness:
     """Deadlines on the monotonic clock (wall-clock jumps must not kill nodes)."""
 
-    def __init__(self, deadline: float = NODE_DEADLINE, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        deadline: float = NODE_DEADLINE,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_heartbeats_per_second: float = MAX_HEARTBEATS_PER_SECOND,
+    ) -> None:
+        if max_heartbeats_per_second <= 0:
+            raise ValueError("max_heartbeats_per_second must be positive")
+        self.interval = HEARTBEAT_INTERVAL
         self.deadline = deadline
         self.clock = clock
+        self.max_heartbeats_per_second = max_heartbeats_per_second
+        self._deadline_intervals = deadline / HEARTBEAT_INTERVAL
         self._last: dict[str, float] = {}
+
+    def scale_to(self, node_count: int) -> bool:
+        """Stretch the heartbeat interval so ``node_count`` nodes send at most the configured rate;
+        True if the timing changed. Never shrinks (see the module docstring)."""
+        interval = max(HEARTBEAT_INTERVAL, node_count / self.max_heartbeats_per_second)
+        if interval <= self.interval:
+            return False
+        self.interval = interval
+        self.deadline = max(self.deadline, interval * self._deadline_intervals)
+        return True
 
     def seen(self, node_id: str) -> None:
         self._last[node_id] = self.clock()

@@ -22,9 +22,11 @@ class ClusterState:
     retiring: dict[str, Stored[pb.Task]] = field(default_factory=dict)  # by task id
     task_key_by_id: dict[str, str] = field(default_factory=dict)
     on_node: dict[str, dict[str, pb.Task]] = field(default_factory=dict)  # node id -> task id -> task
+    node_id_by_name: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.task_key_by_id = {s.value.id: key for key, s in self.tasks.items()}
+        self.node_id_by_name = {s.value.name: node_id for node_id, s in self.nodes.items()}
         self.on_node = defaultdict(dict)
         for stored in (*self.tasks.values(), *self.retiring.values()):
             self._index(stored.value)
@@ -92,6 +94,12 @@ class ClusterState:
             if found is None:
                 continue
             table, name = found
+            if table is self.nodes:
+                old_node = table.get(name)
+                if old_node is not None and self.node_id_by_name.get(old_node.value.name) == name:
+                    del self.node_id_by_name[old_node.value.name]
+                if isinstance(op, Put):
+                    self.node_id_by_name[op.value.name] = name  # type: ignore[attr-defined]
             if table is self.tasks or table is self.retiring:
                 old = table.get(name)
                 if old is not None:
@@ -129,10 +137,9 @@ class ClusterState:
         return retiring.value if retiring else None
 
     def node_by_name(self, name: str) -> pb.Node | None:
-        for s in self.nodes.values():
-            if s.value.name == name:
-                return s.value
-        return None
+        node_id = self.node_id_by_name.get(name)
+        stored = self.nodes.get(node_id) if node_id is not None else None
+        return stored.value if stored else None
 
     def node_by_ref(self, ref: str) -> pb.Node | None:
         stored = self.nodes.get(ref)

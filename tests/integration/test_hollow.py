@@ -35,7 +35,12 @@ TIMEOUT = 60.0
 
 
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def controller_args() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def controller(tmp_path: Path, controller_args: list[str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     with etcd_server(tmp_path / "etcd") as etcd:
         address = f"127.0.0.1:{free_port()}"
         log = open(tmp_path / "controller.log", "wb")  # noqa: SIM115
@@ -50,6 +55,7 @@ def controller(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
                 address,
                 "--prefix",
                 "/hollow/",
+                *controller_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -153,6 +159,44 @@ def test_hollow_agents_run_and_remove_a_service(controller: tuple[str, subproces
             assert stats["stream_breaks"] == stats["heartbeat_timeouts"] == 0
             # PREPARING (pull), PREPARING (create), STARTING, RUNNING, SHUTDOWN per task
             assert stats["status_reports"] == 5 * REPLICAS
+        finally:
+            await fleet.stop()
+            await channel.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("controller_args", [["--max-heartbeats-per-second", "4"]])
+def test_heartbeat_timing_stretches_with_the_node_count(
+    controller: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """20 nodes at most 4 heartbeats/s in all: every agent is told to heartbeat every 5 s and
+    to expect a 20 s deadline, including those that registered while the cluster was small."""
+    address, proc = controller
+
+    async def go() -> None:
+        fleet = HollowFleet(address, AGENTS, cpu_millis=4000, memory_bytes=8 << 30)
+        channel = grpc.aio.insecure_channel(address)
+        api = cluster_pb2_grpc.ClusterAPIStub(channel)
+        try:
+            await fleet.start(connect_rate=200)
+
+            async def all_follow() -> bool:
+                return all(
+                    a.session.heartbeat_interval == 5.0 and a.session.node_deadline == 20.0
+                    for a in fleet.agents
+                )
+
+            await until("every agent to follow the stretched timing", all_follow, proc, timeout=15)
+            first = fleet.agents[0].session  # registered when the cluster had one node
+            acked = first.acked_at
+            await asyncio.sleep(6.0)
+            assert first.acked_at > acked  # it still heartbeats, now every 5 s
+            nodes = (await api.ListNodes(cluster_pb2.ListNodesRequest(), timeout=5)).nodes
+            assert len(nodes) == AGENTS
+            assert all(n.node.state == pb.NODE_STATE_READY for n in nodes)
+            stats = fleet.stats()
+            assert stats["stream_breaks"] == stats["heartbeat_timeouts"] == 0
         finally:
             await fleet.stop()
             await channel.close()

@@ -39,6 +39,32 @@ def test_fresh_start_judges_no_node_early() -> None:
     assert live.silent_for("unknown") == 0.0
 
 
+def test_timing_stretches_with_the_node_count_and_never_shrinks() -> None:
+    live = Liveness(deadline=4.0, clock=FakeClock(), max_heartbeats_per_second=1000)
+    assert not live.scale_to(800)
+    assert (live.interval, live.deadline) == (1.0, 4.0)
+    assert live.scale_to(5000)
+    assert (live.interval, live.deadline) == (5.0, 20.0)
+    assert not live.scale_to(2000)  # an agent told 5 s must not be judged by a 4 s deadline
+    assert (live.interval, live.deadline) == (5.0, 20.0)
+
+
+def test_a_stretched_deadline_applies_to_silence() -> None:
+    clock = FakeClock()
+    live = Liveness(deadline=4.0, clock=clock, max_heartbeats_per_second=10)
+    live.fresh(["a"])
+    live.scale_to(30)  # 3 s interval, 12 s deadline
+    clock.now += 10.0
+    assert live.expired(["a"]) == []
+    clock.now += 2.5
+    assert live.expired(["a"]) == ["a"]
+
+
+def test_rate_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_heartbeats_per_second"):
+        Liveness(max_heartbeats_per_second=0)
+
+
 def node(node_id: str, *, down: bool = False, drain: bool = False) -> pb.Node:
     return pb.Node(
         id=node_id,

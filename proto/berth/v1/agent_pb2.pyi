@@ -247,18 +247,30 @@ Global___Assignments: _TypeAlias = Assignments  # noqa: Y015
 
 @_typing.final
 class HeartbeatAck(_message.Message):
+    """Every ack carries the controller's current heartbeat timing: it stretches the interval as the
+    cluster grows (at most --max-heartbeats-per-second in all), and agents follow it.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SENT_AT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    NODE_DEADLINE_FIELD_NUMBER: _builtins.int
     sent_at: _builtins.float
+    heartbeat_interval: _builtins.float
+    """seconds; 0 = unchanged"""
+    node_deadline: _builtins.float
+    """seconds; 0 = unchanged"""
     def __init__(
         self,
         *,
         sent_at: _builtins.float = ...,
+        heartbeat_interval: _builtins.float = ...,
+        node_deadline: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "node_deadline", b"node_deadline", "sent_at", b"sent_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

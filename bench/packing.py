@@ -5,13 +5,16 @@
 1. **Hosts used vs optimum** on the vector bin packing instances of
    ``../shared/data/vector-bin-packing`` (see :mod:`bench.instances`): every bin becomes an identical
    node (as many nodes as items, so nothing is ever pending), every item a single-replica task of its
-   own service, placed by ``berth.controller.scheduler.schedule()`` in one call, in three orders
-   (:func:`item_order`: the file's, a seeded shuffle, decreasing normalised size; sorting is the
-   caller's choice). Hosts used = distinct nodes in the plan.
-2. **Utilisation at first failure**: a fixed cluster (:data:`CLUSTER_NODES` nodes of
-   :data:`NODE_CPU_MILLIS` / :data:`NODE_MEMORY_BYTES`) and a seeded stream of mixed task shapes,
-   placed in order until the first task that fits on no node; the figure is the cluster-wide
-   utilisation of the bottleneck resource at that moment (:func:`bottleneck_utilisation`).
+   own service, placed by ``berth.controller.scheduler.schedule()`` in one call, handed over in
+   three orders (:func:`item_order`: the file's, a seeded shuffle, decreasing normalised size;
+   ``schedule()`` itself places a batch largest first and then tries to free hosts, so the order
+   handed over matters little for Berth; the baselines place in the order given). Hosts used =
+   distinct nodes in the plan.
+2. **Utilisation**: a fixed cluster (:data:`CLUSTER_NODES` nodes of :data:`NODE_CPU_MILLIS` /
+   :data:`NODE_MEMORY_BYTES`) and a seeded stream of mixed task shapes; the figure is the
+   cluster-wide utilisation of the bottleneck resource (:func:`bottleneck_utilisation`), taken
+   *online* (one task per call in arrival order, at the first task that fits on no node) and for
+   the stream as one *batch* (the plan's state, some task left pending).
 
 Both are also run with :data:`bench.baselines.BASELINES` (Kubernetes LeastAllocated, Nomad BestFit
 v3) on the same instances and streams. Readable tables go to stdout, then one JSON line.
@@ -43,7 +46,7 @@ WITHIN_PCT = 3.0
 """An instance counts as *within* when hosts used <= optimum x (1 + 3 %)."""
 
 DEFAULT_LIMIT = 60
-"""Default instances per family (9 families with known optima): ~40 s on 2 cores; `--all` ~2 min."""
+"""Default instances per family (9 families with known optima): ~100 s on 2 cores; `--all` ~5 min."""
 DEFAULT_SEEDS = 10
 
 GIB = 1 << 30
@@ -301,34 +304,61 @@ def cluster_capacity(nodes: int = CLUSTER_NODES) -> IntArray:
     return np.repeat(np.array([[NODE_CPU_MILLIS], [NODE_MEMORY_BYTES]], dtype=np.int64), nodes, axis=1)
 
 
-def berth_first_failure(capacity: IntArray, stream: IntArray, *, seed: int = 0) -> FirstFailure:
-    """Berth's ``schedule()`` over the whole stream in one call, cut at the first pending task.
-
-    ``schedule()`` places tasks strictly in order and a pending task changes nothing, so the
-    placements before the first pending one are exactly the state at the first failure.
-    """
-    nodes = [
-        NodeInfo(id=f"node-{i:03d}", capacity=Resources(cpu_millis=int(cpu), memory_bytes=int(memory)))
-        for i, (cpu, memory) in enumerate(capacity.T)
+def berth_nodes_state(capacity: IntArray, allocated: IntArray) -> list[NodeInfo]:
+    """The cluster as Berth nodes, with ``allocated`` (``[2, node]``) already in use."""
+    return [
+        NodeInfo(
+            id=f"node-{i:03d}",
+            capacity=Resources(cpu_millis=int(capacity[0, i]), memory_bytes=int(capacity[1, i])),
+            allocated=Resources(cpu_millis=int(allocated[0, i]), memory_bytes=int(allocated[1, i])),
+        )
+        for i in range(capacity.shape[1])
     ]
-    row_of = {node.id: i for i, node in enumerate(nodes)}
-    tasks = [
+
+
+def stream_tasks(stream: IntArray, first: int = 0) -> list[TaskRequest]:
+    """One task per request of ``stream``, each its own service (``task<index>``)."""
+    return [
         TaskRequest(
             task_id=f"t{i:05d}",
             service=f"task{i}",
             resources=Resources(cpu_millis=int(cpu), memory_bytes=int(memory)),
         )
-        for i, (cpu, memory) in enumerate(stream)
+        for i, (cpu, memory) in enumerate(stream, start=first)
     ]
-    plan = schedule(nodes, tasks, seed=seed)
-    index = {task.task_id: i for i, task in enumerate(tasks)}
-    first = min((index[p.task_id] for p in plan.pending), default=len(tasks))
+
+
+def berth_first_failure(capacity: IntArray, stream: IntArray, *, seed: int = 0) -> FirstFailure:
+    """Online: each task its own ``schedule()`` call on the state so far, in arrival order,
+    stopped at the first task that fits on no node (a one-task batch is placed as it comes)."""
+    allocated = np.zeros_like(capacity)
+    for i, request in enumerate(stream):
+        nodes = berth_nodes_state(capacity, allocated)
+        plan = schedule(nodes, stream_tasks(stream[i : i + 1], i), seed=seed)
+        if plan.pending:
+            return _first_failure(capacity, allocated, i)
+        allocated[:, int(plan.placements[0].node_id.removeprefix("node-"))] += request
+    return _first_failure(capacity, allocated, len(stream))
+
+
+def berth_batch(capacity: IntArray, stream: IntArray, *, seed: int = 0) -> FirstFailure:
+    """Batch: the whole stream in one ``schedule()`` call (which orders it and may move its own
+    tasks); the figure is the plan's state, in which some task is left pending."""
+    nodes = berth_nodes_state(capacity, np.zeros_like(capacity))
+    plan = schedule(nodes, stream_tasks(stream), seed=seed)
     allocated = np.zeros_like(capacity)
     for placement in plan.placements:
-        i = index[placement.task_id]
-        if i < first:
-            allocated[:, row_of[placement.node_id]] += stream[i]
-    return _first_failure(capacity, allocated, first)
+        i = int(placement.task_id.removeprefix("t"))
+        allocated[:, int(placement.node_id.removeprefix("node-"))] += stream[i]
+    return _first_failure(capacity, allocated, len(plan.placements))
+
+
+def decreasing_stream_order(capacity: IntArray, stream: IntArray) -> Order:
+    """Stream indices by decreasing ``sum_d request_d / cluster capacity_d`` (stable), the order
+    Berth places a batch in."""
+    size = (stream / capacity.sum(axis=1)).sum(axis=1)
+    order: Order = np.argsort(-size, kind="stable")
+    return order
 
 
 def baseline_first_failure(
@@ -342,15 +372,34 @@ def baseline_first_failure(
     return _first_failure(capacity, cluster.allocated, len(stream))
 
 
-def run_first_failure(seeds: Sequence[int]) -> dict[str, list[FirstFailure]]:
+def baseline_batch(capacity: IntArray, stream: IntArray, score: ScoreFn, *, seed: int = 0) -> FirstFailure:
+    """A baseline handed the whole stream as a batch in Berth's order (largest first), placing
+    every task that fits (one that does not stays pending, later ones still try)."""
+    cluster = Cluster(capacity, score, seed=seed)
+    placed = sum(cluster.place(stream[i]) is not None for i in decreasing_stream_order(capacity, stream))
+    return _first_failure(capacity, cluster.allocated, placed)
+
+
+FIGURES = ("online", "batch")
+"""The two utilisation figures: one task per call in arrival order, and the stream as one batch."""
+
+
+def run_first_failure(seeds: Sequence[int]) -> dict[str, dict[str, list[FirstFailure]]]:
+    """figure (:data:`FIGURES`) -> scheduler -> one outcome per seed."""
     capacity = cluster_capacity()
-    outcomes: dict[str, list[FirstFailure]] = {name: [] for name in SCHEDULERS}
+    outcomes: dict[str, dict[str, list[FirstFailure]]] = {
+        figure: {name: [] for name in SCHEDULERS} for figure in FIGURES
+    }
     for seed in seeds:
         stream = mixed_stream(seed, capacity.sum(axis=1))
-        outcomes[BERTH].append(berth_first_failure(capacity, stream, seed=seed))
+        outcomes["online"][BERTH].append(berth_first_failure(capacity, stream, seed=seed))
+        outcomes["batch"][BERTH].append(berth_batch(capacity, stream, seed=seed))
         for baseline in BASELINES:
-            outcomes[baseline.name].append(
+            outcomes["online"][baseline.name].append(
                 baseline_first_failure(capacity, stream, baseline.score, seed=seed)
+            )
+            outcomes["batch"][baseline.name].append(
+                baseline_batch(capacity, stream, baseline.score, seed=seed)
             )
     return outcomes
 
@@ -371,26 +420,33 @@ def first_failure_figures(outcomes: dict[str, list[FirstFailure]]) -> dict[str, 
 
 
 def print_first_failure(
-    seeds: Sequence[int], outcomes: dict[str, list[FirstFailure]], out: Callable[[str], None]
+    seeds: Sequence[int], outcomes: dict[str, dict[str, list[FirstFailure]]], out: Callable[[str], None]
 ) -> None:
-    out(
-        f"\nUtilisation at first failure: {CLUSTER_NODES} nodes x {NODE_CPU_MILLIS // 1000} cores / "
-        f"{NODE_MEMORY_BYTES // GIB} GiB, mixed stream "
-        f"({', '.join(f'{s.name} {s.weight:.0%}' for s in SHAPES)})"
-    )
-    out("  per seed: tasks placed, cpu %, memory %, bottleneck % (= max of the two) at the first failure")
-    header = f"{'seed':>5}" + "".join(f"{s:>32}" for s in SCHEDULERS)
-    out(header)
-    out("-" * len(header))
-    for k, seed in enumerate(seeds):
-        cells = []
-        for name in SCHEDULERS:
-            r = outcomes[name][k]
-            cells.append(f"{r.placed:>5} {r.cpu_pct:>6.1f} {r.memory_pct:>6.1f} {r.bottleneck_pct:>6.1f}")
-        out(f"{seed:>5}" + "".join(f"{c:>32}" for c in cells))
-    for label, fn in (("mean", np.mean), ("min", np.min)):
-        cells = [f"{float(fn([r.bottleneck_pct for r in outcomes[name]])):>6.1f}" for name in SCHEDULERS]
-        out(f"{label:>5}" + "".join(f"{c:>32}" for c in cells))
+    titles = {
+        "online": "online (one task per call, arrival order, stopped at the first task that fits nowhere)",
+        "batch": "batch (the whole stream in one call; baselines: the stream largest first, "
+        "failures skipped)",
+    }
+    for figure in FIGURES:
+        out(
+            f"\nUtilisation, {titles[figure]}: {CLUSTER_NODES} nodes x {NODE_CPU_MILLIS // 1000} cores / "
+            f"{NODE_MEMORY_BYTES // GIB} GiB, mixed stream "
+            f"({', '.join(f'{s.name} {s.weight:.0%}' for s in SHAPES)})"
+        )
+        out("  per seed: tasks placed, cpu %, memory %, bottleneck % (= max of the two)")
+        header = f"{'seed':>5}" + "".join(f"{s:>32}" for s in SCHEDULERS)
+        out(header)
+        out("-" * len(header))
+        runs = outcomes[figure]
+        for k, seed in enumerate(seeds):
+            cells = []
+            for name in SCHEDULERS:
+                r = runs[name][k]
+                cells.append(f"{r.placed:>5} {r.cpu_pct:>6.1f} {r.memory_pct:>6.1f} {r.bottleneck_pct:>6.1f}")
+            out(f"{seed:>5}" + "".join(f"{c:>32}" for c in cells))
+        for label, fn in (("mean", np.mean), ("min", np.min)):
+            cells = [f"{float(fn([r.bottleneck_pct for r in runs[name]])):>6.1f}" for name in SCHEDULERS]
+            out(f"{label:>5}" + "".join(f"{c:>32}" for c in cells))
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -427,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     seeds = list(range(args.seeds))
     outcomes = run_first_failure(seeds)
-    failure = first_failure_figures(outcomes)
+    failure = first_failure_figures(outcomes["online"])
+    batch_failure = first_failure_figures(outcomes["batch"])
     print_first_failure(seeds, outcomes, out)
 
     runtime = time.monotonic() - started
@@ -436,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hosts_over_optimum": {name: packing[name] for name in SCHEDULERS},
         "paper_best_heuristic": packing["paper_best_heuristic"],
         "utilisation_at_first_failure": failure,
+        "utilisation_batch": batch_failure,
         "instances": len(catalogue.instances),
         "limit_per_family": None if args.all else args.limit,
         "seeds": args.seeds,

@@ -1,6 +1,9 @@
-"""schedule(): place tasks on nodes, one at a time, over a working copy of a snapshot.
+"""schedule(): place a batch of tasks on nodes, over a working copy of a snapshot.
 
-The flow for each task, in the given order:
+The batch is placed largest first (:func:`.batch.placement_order`; runs of identical replicas
+stay whole and in slot order), then :class:`.batch.HostFreer` tries to empty hosts the batch
+alone put in use, and a freed host may take the batch's pending tasks. The plan lists placements
+and pending tasks in the input's task order. The flow for each task:
 
     filters.run_filters  -> checks (reason, passing mask) over every node
     filters.feasible     -> candidate nodes
@@ -23,8 +26,18 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from . import filters, replicas, scoring
-from .model import IntArray, NodeInfo, NodeTable, NodeVerdict, Pending, Placement, Plan, TaskRequest
+from . import batch, filters, replicas, scoring
+from .model import (
+    BoolArray,
+    IntArray,
+    NodeInfo,
+    NodeTable,
+    NodeVerdict,
+    Pending,
+    Placement,
+    Plan,
+    TaskRequest,
+)
 from .ports import PortBook
 
 DEFAULT_DYNAMIC_PORTS = (30000, 32767)
@@ -37,31 +50,98 @@ def schedule(
     *,
     dynamic_ports: tuple[int, int] = DEFAULT_DYNAMIC_PORTS,
     seed: int = 0,
+    improve: bool = True,
     _fast: bool = True,
 ) -> Plan:
-    """Place ``tasks`` (in order) on ``nodes``; return the placements and the pending tasks.
+    """Place the batch ``tasks`` on ``nodes``; return the placements and the pending tasks, each
+    in the order of ``tasks``.
 
-    Runs of identical replicas (consecutive tasks equal but for id and slot) take the fast path of
-    :mod:`.replicas`, which gives the same plan as placing them one by one; ``_fast=False`` (for
-    tests) places every task one by one.
+    With ``improve`` (the default) the batch is placed largest first and the free-hosts pass of
+    :mod:`.batch` runs after; ``improve=False`` places the tasks strictly in the given order, one
+    greedy pass (what a one-task call does anyway). Runs of identical replicas (consecutive tasks
+    equal but for id and slot) take the fast path of :mod:`.replicas`, which gives the same plan as
+    placing them one by one; ``_fast=False`` (for tests) places every task one by one.
     """
     run = _Run(nodes, tasks, dynamic_ports=dynamic_ports, seed=seed)
-    placements: list[Placement] = []
-    pending: list[Pending] = []
+    occupied = run.occupied()
+    runs: list[tuple[int, int]] = []
     start = 0
     while start < len(tasks):
-        end = replicas.run_end(tasks, start) if _fast else start + 1
-        if end - start >= replicas.MIN_RUN and replicas.eligible(tasks[start]):
-            outcomes = run.place_replicas(tasks[start:end])
-        else:
-            outcomes = [run.place(task) for task in tasks[start:end]]
-        for outcome in outcomes:
-            if isinstance(outcome, Placement):
-                placements.append(outcome)
-            else:
-                pending.append(outcome)
+        end = replicas.run_end(tasks, start)
+        runs.append((start, end))
         start = end
-    return Plan(placements=tuple(placements), pending=tuple(pending))
+    ordered = batch.placement_order(run.table, tasks, runs) if improve else runs
+    outcomes: dict[int, Placement | Pending] = {}
+    rows: dict[int, int] = {}
+    for start, end in ordered:
+        if _fast and end - start >= replicas.MIN_RUN and replicas.eligible(tasks[start]):
+            done = run.place_replicas(tasks[start:end])
+        else:
+            done = [run.place(task) for task in tasks[start:end]]
+        committed = iter(run.take_committed())
+        for index, outcome in enumerate(done, start=start):
+            outcomes[index] = outcome
+            if isinstance(outcome, Placement):
+                rows[index] = next(committed)
+    if improve and rows:
+        _free_hosts(run, tasks, ordered, occupied, outcomes, rows)
+    placements = tuple(o for i in range(len(tasks)) if isinstance(o := outcomes[i], Placement))
+    pending = tuple(o for i in range(len(tasks)) if isinstance(o := outcomes[i], Pending))
+    return Plan(placements=placements, pending=pending)
+
+
+def _free_hosts(
+    run: _Run,
+    tasks: Sequence[TaskRequest],
+    ordered: Sequence[tuple[int, int]],
+    occupied: BoolArray,
+    outcomes: dict[int, Placement | Pending],
+    rows: dict[int, int],
+) -> None:
+    """The free-hosts pass of :mod:`.batch` over the greedy plan, then the batch's pending tasks
+    again (in placement order) when it freed a host; ``outcomes`` and ``rows`` are updated."""
+    fresh = ~occupied
+    for _ in range(batch.ROUNDS):
+        placed = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
+        now_occupied = occupied.copy()
+        now_occupied[placed] = True
+        if not (now_occupied & fresh).any():
+            return  # no host in use that the call could free (the common case of a busy cluster)
+        pinned = np.zeros(run.table.size, dtype=np.bool_)
+        positions: list[int] = []
+        requests: list[IntArray] = []
+        counts: list[int] = []
+        for start, end in ordered:  # a run shares its shape: decide and convert once per run
+            done = [i for i in range(start, end) if i in rows]
+            if not done:
+                continue
+            if batch.movable(tasks[start]):
+                positions += done
+                requests.append(run.request(tasks[start]))
+                counts.append(len(done))
+            else:
+                pinned[[rows[i] for i in done]] = True
+        if not positions:
+            return
+        moved = np.array(positions, dtype=np.int64)
+        where = np.array([rows[i] for i in positions], dtype=np.int64)
+        matrix = np.repeat(np.array(requests, dtype=np.int64).T, counts, axis=1)
+        budget = batch.STEPS_PER_TASK * len(tasks)
+        freer = batch.HostFreer(run.table, now_occupied, tasks, moved, where.copy(), matrix, budget)
+        if freer.run(fresh, pinned) == 0:
+            return
+        for k in np.flatnonzero(freer.rows != where).tolist():
+            i, row = positions[k], int(freer.rows[k])
+            rows[i] = row
+            outcomes[i] = Placement(task_id=tasks[i].task_id, node_id=run.table.ids[row])
+        retried = [i for start, end in ordered for i in range(start, end) if isinstance(outcomes[i], Pending)]
+        if not retried:
+            return
+        for i in retried:
+            outcome = run.place(tasks[i])
+            outcomes[i] = outcome
+            if isinstance(outcome, Placement):
+                rows[i] = run.take_committed()[0]
 
 
 def explain(
@@ -109,6 +189,18 @@ class _Run:
         self.table = NodeTable.build(nodes, tasks, seed=seed)
         self.ports = PortBook(nodes, dynamic_ports)
         self._unplaceable: dict[Hashable, tuple[int, Pending]] = {}
+        self._committed: list[int] = []
+
+    def occupied(self) -> BoolArray:
+        """Nodes holding anything before the call: an allocation, a replica or a host port."""
+        table = self.table
+        mask: BoolArray = (table.allocated != 0).any(axis=0) | self.ports.any_used() | table.any_service()
+        return mask
+
+    def take_committed(self) -> list[int]:
+        """The rows committed to since the last call, in order (one per placement)."""
+        rows, self._committed = self._committed, []
+        return rows
 
     def place(self, task: TaskRequest) -> Placement | Pending:
         """Place one task on the best feasible node, or say why none can take it."""
@@ -123,6 +215,7 @@ class _Run:
         row = scoring.choose(self.table, rows, request, task)
         mapped = self.ports.allocate(row, task.ports)
         self.table.commit(row, request, task.service)
+        self._committed.append(row)
         return Placement(task_id=task.task_id, node_id=self.table.ids[row], ports=mapped)
 
     def place_replicas(self, tasks: Sequence[TaskRequest]) -> list[Placement | Pending]:
@@ -148,6 +241,7 @@ class _Run:
                 break
             mapped = self.ports.allocate(row, task.ports) if task.ports else ()
             self.table.commit(row, request, task.service)
+            self._committed.append(row)
             outcomes.append(Placement(task_id=task.task_id, node_id=self.table.ids[row], ports=mapped))
             if not index.update(row):
                 outcomes.extend(self.place(task) for task in tasks[done + 1 :])

@@ -313,6 +313,13 @@ class NodeTable:
             self._service_counts[service] = counts
         return counts
 
+    def any_service(self) -> BoolArray:
+        """Nodes that held a replica of any service when the table was built."""
+        mask = np.zeros(self.size, dtype=np.bool_)
+        for entries in self._service_index.values():
+            mask[[row for row, count in entries if count > 0]] = True
+        return mask
+
     def domains(self, key: str) -> IntArray:
         """A code per node for its value of label ``key`` (a missing label is the value ``""``)."""
         codes = self._domains.get(key)
@@ -347,6 +354,15 @@ class NodeTable:
         self.service_counts(service)[row] += 1
         for key, counts in self._domain_counts.get(service, {}).items():
             counts[self._domains[key][row]] += 1
+        self.version += 1
+
+    def uncommit(self, row: int, request: IntArray, service: str) -> None:
+        """Undo one :meth:`commit` of a task of ``service`` asking for ``request`` on node ``row``
+        (used by :mod:`.batch` to move a task of the batch being planned, never a running one)."""
+        self.allocated[:, row] -= request
+        self.service_counts(service)[row] -= 1
+        for key, counts in self._domain_counts.get(service, {}).items():
+            counts[self._domains[key][row]] -= 1
         self.version += 1
 
     def _matrix(self, columns: Sequence[Resources]) -> IntArray:

@@ -79,6 +79,10 @@ class PortBook:
         """True when ``key`` is taken on node ``row``."""
         return key in self._used[row]
 
+    def any_used(self) -> BoolArray:
+        """Nodes on which any host port is taken."""
+        return np.array([bool(used) for used in self._used], dtype=np.bool_).reshape(self._size)
+
     def used_mask(self, key: PortKey) -> BoolArray:
         """Nodes on which ``key`` is taken."""
         mask = self._used_masks.get(key)

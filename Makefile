@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BERTH := $(VENV)/bin/berth
-APT_PACKAGES := runc etcd-server etcd-client skopeo umoci docker-registry busybox-static nftables iproute2 util-linux
+APT_PACKAGES := runc etcd-server etcd-client skopeo umoci docker-registry busybox-static nftables iproute2 util-linux prometheus
 PORTAL := deploy/examples/portal/portal.yaml
 
 .PHONY: deps apt venv demo down test unit integration lint proto

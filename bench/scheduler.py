@@ -15,7 +15,7 @@
    committed with a node) and the ack latency (until all are RUNNING); controller peak RSS
    (``VmHWM``) and CPU seconds; the number of status writes.
 4. Stops agents and controller and measures the etcd write ceiling on the same etcd
-   (``bench.etcd_ceiling``: 128 puts per txn, one txn at a time, the mean size of a placed task
+   (``bench.etcd_ceiling``: 128 puts per txn, 4 txns in flight as the store commits, the mean size of a placed task
    record), and reports placements/s as a fraction of it.
 
 Prints progress on stderr, a table on stdout and, as the last stdout line, one JSON object of
@@ -515,7 +515,7 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
 
     if args.ceiling_keys > 0 and not interrupted.is_set():
         size = result.task_record_bytes or 600
-        say(f"etcd ceiling: {args.ceiling_keys} keys of {size} B, 128 puts/txn, one txn at a time")
+        say(f"etcd ceiling: {args.ceiling_keys} keys of {size} B, 128 puts/txn, 4 txns in flight")
         ceiling = await measure_ceiling(etcd, keys=args.ceiling_keys, value_size=size)
         result.etcd_ceiling_keys_per_s = ceiling.keys_per_s
         if result.placements_per_s:

@@ -653,6 +653,7 @@ class Cluster:
             snap = Snapshot(services=snap.services, tasks=tasks, nodes=snap.nodes, retiring=snap.retiring)
         # the scheduler is CPU-bound: run it off the event loop so heartbeats keep being
         # acknowledged while a large batch is placed (we hold the writer lock meanwhile)
+        started = time.perf_counter()
         step = await asyncio.to_thread(
             scheduling_step,
             snap,
@@ -688,7 +689,16 @@ class Cluster:
             else:
                 r, _ = replacements[w.task_id]
                 ops += self._mark_unreplaced(r, w.reason)
+        planned = time.perf_counter()
         await self._commit(ops)
+        log.info(
+            "placement pass placed=%d pending=%d plan_s=%.3f commit_s=%.3f writes=%d",
+            len(plan.placements),
+            len(plan.pending),
+            planned - started,
+            time.perf_counter() - planned,
+            len(ops),
+        )
         names = {nid: s.value.name for nid, s in self.state.nodes.items()}
         for p in plan.placements:
             placed_task = self.state.task_by_id(p.task_id)

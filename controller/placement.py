@@ -8,6 +8,7 @@ and turns a ``Plan`` back into task updates.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from berth.controller.scheduler import (
     Availability,
@@ -93,6 +94,22 @@ def task_request(task: pb.Task) -> TaskRequest:
         spread=tuple(spec.spread),
         strategy=Strategy.SPREAD if spec.strategy == pb.STRATEGY_SPREAD else Strategy.BINPACK,
     )
+
+
+def task_requests(tasks: Sequence[pb.Task]) -> list[TaskRequest]:
+    """``task_request`` for many tasks: the replicas of one service generation run the same spec
+    (any change but the count bumps the generation), so its conversion is done once per
+    generation and only the id and slot differ."""
+    templates: dict[tuple[str, int], TaskRequest] = {}
+    out = []
+    for task in tasks:
+        template = templates.get((task.service, task.spec_generation))
+        if template is None:
+            template = templates[(task.service, task.spec_generation)] = task_request(task)
+            out.append(template)
+        else:
+            out.append(replace(template, task_id=task.id, slot=task.slot))
+    return out
 
 
 def placed(task: pb.Task, placement: Placement, now: float) -> pb.Task:

@@ -75,8 +75,9 @@ def scheduling_step(
         return step
     by_node = snap.by_node()
     step.nodes = [placement.node_info(node, by_node.get(nid, [])) for nid, node in sorted(snap.nodes.items())]
-    requests = [placement.task_request(t) for _, t in step.pending.values()]
-    requests += [placement.task_request(fresh) for _, fresh in step.replacements.values()]
+    requests = placement.task_requests(
+        [t for _, t in step.pending.values()] + [fresh for _, fresh in step.replacements.values()]
+    )
     step.plan = schedule(step.nodes, requests)
     return step
 

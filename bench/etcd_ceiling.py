@@ -102,7 +102,8 @@ def main() -> None:
         )
     )
     print(
-        f"{result.keys_per_s:,.0f} keys/s ({result.keys} keys of {result.value_size} B, {result.batch}/txn, {result.in_flight} in flight)"
+        f"{result.keys_per_s:,.0f} keys/s ({result.keys} keys of {result.value_size} B, "
+        f"{result.batch}/txn, {result.in_flight} in flight)"
     )
     print(json.dumps(asdict(result)))
 

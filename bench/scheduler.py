@@ -15,8 +15,8 @@
    committed with a node) and the ack latency (until all are RUNNING); controller peak RSS
    (``VmHWM``) and CPU seconds; the number of status writes.
 4. Stops agents and controller and measures the etcd write ceiling on the same etcd
-   (``bench.etcd_ceiling``: 128 puts per txn, 4 txns in flight as the store commits, the mean size of a placed task
-   record), and reports placements/s as a fraction of it.
+   (``bench.etcd_ceiling``: 128 puts per txn, 4 txns in flight as the store commits, the mean
+   size of a placed task record), and reports placements/s as a fraction of it.
 
 Prints progress on stderr, a table on stdout and, as the last stdout line, one JSON object of
 figures. Everything it started (processes, the temp dir with etcd's data) is removed at the end,

@@ -12,6 +12,14 @@ import typer
 
 from berth.agent import capacity
 from berth.agent.logs import setup_logging
+from berth.agent.metrics import (
+    DEFAULT_METRICS_PORT,
+    AgentMetrics,
+    advertised,
+    join_host_port,
+    manager_tasks,
+    parse_listen,
+)
 from berth.agent.runc import RuncRuntime
 from berth.agent.session import Identity, Session
 from berth.agent.tasks import TaskManager
@@ -98,6 +106,12 @@ def main(
     insecure_registry: list[str] = typer.Option(
         [], help="Registry host:port reached over plain HTTP; repeat."
     ),
+    metrics_listen: str | None = typer.Option(
+        None,
+        help=f"Where to serve Prometheus /metrics (HOST:PORT). Default: <address>:{DEFAULT_METRICS_PORT}; "
+        '"" disables it.',
+        show_default=False,
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the Berth agent: registers this host and runs the containers assigned to it."""
@@ -122,23 +136,51 @@ def main(
         nft_table=nft_table,
         insecure_registries=insecure_registry,
     )
+    address = address or capacity.detect_address()
+    try:
+        listen = parse_listen(
+            f"{address}:{DEFAULT_METRICS_PORT}" if metrics_listen is None else metrics_listen, address
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--metrics-listen") from None
+    metrics = AgentMetrics(name, version=VERSION)
+    metrics_address = ""
+    if listen is not None:
+        try:
+            port = metrics.serve(*listen)
+        except OSError as exc:
+            raise typer.BadParameter(
+                f"cannot listen on {join_host_port(*listen)}: {exc.strerror or exc}",
+                param_hint="--metrics-listen",
+            ) from None
+        metrics_address = advertised(listen[0], port, address)
+        log.info("serving metrics at http://%s/metrics", metrics_address)
     identity = Identity(
         node_id=node_id,
         name=name,
-        address=address or capacity.detect_address(),
+        address=address,
         capacity=pb.Resources(cpu_millis=cpu_millis, memory_bytes=memory_bytes, scalars=scalars),
         labels=labels,
+        metrics_address=metrics_address,
         version=VERSION,
     )
 
     async def start() -> None:
         session_ref: list[Session] = []
         manager = TaskManager(
-            runtime, node_id=node_id, node_name=name, report=lambda status: session_ref[0].report(status)
+            runtime,
+            node_id=node_id,
+            node_name=name,
+            report=lambda status: session_ref[0].report(status),
+            on_pull=metrics.observe_pull,
         )
         session = Session(controller, identity, manager)
         session_ref.append(session)
-        await run(session, manager)
+        metrics.watch(lambda: manager_tasks(manager), runtime.cgroups, lambda: session.last_rtt)
+        try:
+            await run(session, manager)
+        finally:
+            metrics.close()
 
     log.info("agent starting name=%s node=%s address=%s", name, node_id, identity.address)
     asyncio.run(start())

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +201,26 @@ class Cgroups:
         failcnt = self._read(d / "memory.failcnt")
         return 1 if failcnt is not None and int(failcnt) > 0 and self.memory_limit(task_id) else 0
 
+    def stats(self, task_id: str) -> ContainerStats | None:
+        """Usage counters and limits of ``task_id``'s cgroup (for ``/metrics``), or None when
+        the cgroup is gone, or goes while being read (the container just exited), or a needed
+        controller is not mounted. Values are parsed by ``stats_v1``/``stats_v2``."""
+        if self.unified:
+            d = self.path("memory", task_id)
+            if d is None:
+                return None
+            files = _read_all({name: d / name for name in V2_FILES})
+            return None if files is None else stats_v2(files)
+        dirs = {c: self.path(c, task_id) for c in ("cpu", "cpuacct", "memory")}
+        paths: dict[str, Path] = {}
+        for name in V1_FILES:
+            d = dirs[name.split(".", 1)[0]]
+            if d is None:
+                return None
+            paths[name] = d / name
+        files = _read_all(paths)
+        return None if files is None else stats_v1(files)
+
     # -- cleanup ---------------------------------------------------------------------------
     def remove(self, task_id: str, *, timeout: float = 5.0) -> None:
         """Remove the container's cgroup dirs, then the agent's parent dirs if now empty.
@@ -226,6 +247,112 @@ class Cgroups:
                         log.warning("cannot remove cgroup %s: %s", cur, e)
                     break
                 cur = cur.parent
+
+
+# -- usage statistics (pure parsing; ``Cgroups.stats`` does the reading) ----------------------
+
+_UNLIMITED = 1 << 62  # v1 reports "no memory limit" as PAGE_COUNTER_MAX pages (~2^63)
+DEFAULT_CPU_PERIOD_US = 100_000
+
+#: Files ``stats_v1`` needs, named by their file name (the prefix names the v1 controller).
+V1_FILES = (
+    "cpuacct.usage",  # ns
+    "cpu.stat",  # nr_periods / nr_throttled / throttled_time (ns)
+    "cpu.cfs_quota_us",  # -1 = no quota
+    "cpu.cfs_period_us",
+    "memory.usage_in_bytes",
+    "memory.stat",  # total_inactive_file (hierarchical)
+    "memory.limit_in_bytes",  # ~2^63 = no limit
+)
+#: Files ``stats_v2`` needs, all in the container's one unified directory.
+V2_FILES = (
+    "cpu.stat",  # usage_usec, throttled_usec (the latter only with the cpu controller)
+    "cpu.max",  # "$QUOTA $PERIOD" or "max $PERIOD"
+    "memory.current",
+    "memory.stat",  # inactive_file
+    "memory.max",  # bytes or "max"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContainerStats:
+    """One container's counters and limits in cAdvisor's units; 0 means "no limit"."""
+
+    cpu_usage_seconds: float
+    cpu_throttled_seconds: float
+    memory_usage_bytes: int
+    memory_working_set_bytes: int  # usage minus inactive file pages, never below 0
+    memory_limit_bytes: int
+    cpu_quota_us: int  # per period
+    cpu_period_us: int
+
+
+def parse_keyed(text: str) -> dict[str, int]:
+    """A flat-keyed cgroup file (``cpu.stat``, ``memory.stat``): ``key value`` per line."""
+    return _kv(text)
+
+
+def _int(text: str) -> int:
+    return int(text.strip())
+
+
+def _working_set(usage: int, inactive_file: int) -> int:
+    return max(0, usage - inactive_file)
+
+
+def stats_v1(files: Mapping[str, str]) -> ContainerStats:
+    """Parse the cgroup v1 files named in ``V1_FILES`` (file name -> content)."""
+    usage = _int(files["memory.usage_in_bytes"])
+    mem_stat = parse_keyed(files["memory.stat"])
+    limit = _int(files["memory.limit_in_bytes"])
+    quota = _int(files["cpu.cfs_quota_us"])
+    return ContainerStats(
+        cpu_usage_seconds=_int(files["cpuacct.usage"]) / 1e9,
+        cpu_throttled_seconds=parse_keyed(files["cpu.stat"]).get("throttled_time", 0) / 1e9,
+        memory_usage_bytes=usage,
+        memory_working_set_bytes=_working_set(usage, mem_stat.get("total_inactive_file", 0)),
+        memory_limit_bytes=0 if limit >= _UNLIMITED else limit,
+        cpu_quota_us=max(0, quota),
+        cpu_period_us=_int(files["cpu.cfs_period_us"]),
+    )
+
+
+def parse_cpu_max(text: str) -> tuple[int, int]:
+    """cgroup v2 ``cpu.max`` -> (quota, period) in microseconds; quota 0 when it is ``max``."""
+    quota, _, period = text.strip().partition(" ")
+    return (0 if quota == "max" else int(quota)), (int(period) if period else DEFAULT_CPU_PERIOD_US)
+
+
+def stats_v2(files: Mapping[str, str]) -> ContainerStats:
+    """Parse the cgroup v2 files named in ``V2_FILES`` (file name -> content)."""
+    cpu_stat = parse_keyed(files["cpu.stat"])
+    usage = _int(files["memory.current"])
+    inactive_file = parse_keyed(files["memory.stat"]).get("inactive_file", 0)
+    mem_max = files["memory.max"].strip()
+    quota, period = parse_cpu_max(files["cpu.max"])
+    return ContainerStats(
+        cpu_usage_seconds=cpu_stat["usage_usec"] / 1e6,
+        cpu_throttled_seconds=cpu_stat.get("throttled_usec", 0) / 1e6,
+        memory_usage_bytes=usage,
+        memory_working_set_bytes=_working_set(usage, inactive_file),
+        memory_limit_bytes=0 if mem_max == "max" else int(mem_max),
+        cpu_quota_us=quota,
+        cpu_period_us=period,
+    )
+
+
+def _read_all(paths: Mapping[str, Path]) -> dict[str, str] | None:
+    """Read every file, or None if any is missing: the cgroup was removed (ENOENT on open, ENODEV
+    on reading a file whose cgroup was removed after the open)."""
+    out: dict[str, str] = {}
+    for name, path in paths.items():
+        try:
+            out[name] = path.read_text()
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENODEV):
+                return None
+            raise
+    return out
 
 
 def _kv(text: str | None) -> dict[str, int]:

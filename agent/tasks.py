@@ -32,6 +32,7 @@ from berth.proto.berth.v1 import types_pb2 as pb
 log = logging.getLogger(__name__)
 
 Report = Callable[[pb.TaskStatus], None]
+PullObserver = Callable[[float], None]  # seconds one successful image pull took
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +90,7 @@ class TaskRunner:
         report: Report,
         adopt: ContainerRecord | None = None,
         backoff: Backoff = Backoff(),
+        on_pull: PullObserver | None = None,
     ) -> None:
         self.task = task
         self.runtime = runtime
@@ -97,6 +99,7 @@ class TaskRunner:
         self.report_fn = report
         self.adopt = adopt
         self.backoff = backoff
+        self.on_pull = on_pull
         self.status = pb.TaskStatus(task_id=task.id, node_id=node_id, state=pb.TASK_STATE_ASSIGNED)
         self._main: asyncio.Task[None] | None = None
 
@@ -166,8 +169,9 @@ class TaskRunner:
         while True:
             attempt += 1
             self._report(pb.TASK_STATE_PREPARING, f"pulling image {self.task.spec.image}")
+            began = time.monotonic()
             try:
-                return await self.runtime.pull(self.task.spec.image)
+                image = await self.runtime.pull(self.task.spec.image)
             except ImagePullError as exc:
                 delay = RETRY_BACKOFF.delay(attempt)
                 self._report(
@@ -176,6 +180,10 @@ class TaskRunner:
                     error=f"image pull failed: {exc.reason}",
                 )
                 await asyncio.sleep(delay)
+                continue
+            if self.on_pull is not None:
+                self.on_pull(time.monotonic() - began)
+            return image
 
     async def _create(self, image: ImageInfo) -> None:
         attempt = 0
@@ -249,8 +257,17 @@ class TaskRunner:
 class TaskManager:
     """Holds the runners; applies full and incremental assignments from the controller."""
 
-    def __init__(self, runtime: ContainerRuntime, *, node_id: str, node_name: str, report: Report) -> None:
+    def __init__(
+        self,
+        runtime: ContainerRuntime,
+        *,
+        node_id: str,
+        node_name: str,
+        report: Report,
+        on_pull: PullObserver | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.on_pull = on_pull
         self.node_id = node_id
         self.node_name = node_name
         self.report = report
@@ -305,6 +322,7 @@ class TaskManager:
                 node_name=self.node_name,
                 report=self.report,
                 adopt=self._found.pop(task_id, None),
+                on_pull=self.on_pull,
             )
             self.runners[task_id] = runner
             runner.start()

@@ -183,6 +183,7 @@ def start_controller(procs: Processes, etcd: str, address: str, profile: str) ->
     if profile == "cprofile":
         argv += ["-m", "cProfile", "-o", str(procs.work / "controller.cprofile")]
     argv += ["-m", "berth.controller", "--etcd", etcd, "--listen", address, "--prefix", PREFIX]
+    argv += ["--metrics-listen", f"127.0.0.1:{free_port()}"]  # metrics on, as in production
     return procs.spawn("controller", argv)
 
 

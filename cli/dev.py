@@ -63,6 +63,15 @@ def up(
     etcd_port: Annotated[int, typer.Option("--etcd-port", help="etcd client port (peer: +1).")] = 2379,
     registry_port: Annotated[int, typer.Option("--registry-port")] = 5000,
     controller_port: Annotated[int, typer.Option("--controller-port")] = 7070,
+    monitoring: Annotated[
+        bool,
+        typer.Option(
+            "--monitoring",
+            help="Also start Prometheus (Debian's package) on 127.0.0.1:--prometheus-port, scraping the "
+            "controller and every agent through the controller's /sd, with deploy/prometheus's alert rules.",
+        ),
+    ] = False,
+    prometheus_port: Annotated[int, typer.Option("--prometheus-port")] = 9090,
     subnet_index: Annotated[
         int, typer.Option("--subnet-index", help="0-9: hosts 10.(210+i).0.0/24, containers 10.(220+i).h.0/24")
     ] = 0,
@@ -82,6 +91,8 @@ def up(
             etcd_port=etcd_port,
             registry_port=registry_port,
             controller_port=controller_port,
+            monitoring=monitoring,
+            prometheus_port=prometheus_port,
             subnet_index=subnet_index,
             start_controller=not no_agents,
             start_agents=not no_agents,
@@ -110,6 +121,11 @@ def up(
         cluster.down()
         raise typer.Exit(130) from None
     print(f"export BERTH_ADDR={cluster.controller_address}")
+    print(
+        f"# metrics: http://{cluster.metrics_address}/metrics  discovery: http://{cluster.metrics_address}/sd"
+    )
+    if cluster.prometheus_url:
+        print(f"# prometheus: {cluster.prometheus_url}  (try: berth_service_running_replicas)")
     if cluster.image:
         print(f"# image: {cluster.image}  (deploy/examples/portal/portal.yaml)")
 
@@ -139,6 +155,10 @@ def status(
     console.print(
         f"[bold]dev cluster {st['name']}[/bold]  BERTH_ADDR={st['controller_address']}  "
         f"registry {st['registry_address']}  image {st['image'] or '-'}"
+    )
+    console.print(
+        f"metrics http://{st['metrics_address']}/metrics"
+        + (f"  prometheus {st['prometheus_url']}" if st["prometheus_url"] else "")
     )
     procs = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("PROCESS", "PID", "STATE", "ADDRESS", "LOG"):

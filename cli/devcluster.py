@@ -39,12 +39,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from berth.cli.portal_image import ImageBuildError, build_portal_image
 
 ENV_MARK = "BERTH_DEV_CLUSTER"
 LINK_ALIAS = "berth-dev"
 NETNS_DIR = Path("/run/netns")
 DEFAULT_BASE_DIR = Path("/var/tmp/berth-dev")
+DEV_SCRAPE_INTERVAL = "1s"
+DEPLOY_PROMETHEUS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 AGENT_BRIDGE = "berth0"
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -76,6 +80,9 @@ class DevClusterConfig:
     etcd_port: int = 2379
     registry_port: int = 5000
     controller_port: int = 7070
+    metrics_port: int = 0  # the controller's /metrics and /sd; 0 = controller_port + 1
+    monitoring: bool = False  # also run Prometheus, scraping the cluster through /sd
+    prometheus_port: int = 9090
     subnet_index: int = 0
     start_controller: bool = True
     start_agents: bool = True
@@ -98,15 +105,33 @@ class DevClusterConfig:
             ("etcd", self.etcd_port),
             ("registry", self.registry_port),
             ("controller", self.controller_port),
+            ("metrics", self.controller_metrics_port),
+            ("prometheus", self.prometheus_port),
         ):
-            if not 1 <= port <= 65534:
+            if not 1 <= port <= 65535:
                 raise DevClusterError(f"bad {what} port {port}")
-        ports = [self.etcd_port, self.etcd_port + 1, self.registry_port, self.controller_port]
+        ports = self.ports()
         if len(set(ports)) != len(ports):
             raise DevClusterError(
                 f"ports overlap: etcd {self.etcd_port}(+1), registry {self.registry_port}, "
-                f"controller {self.controller_port}"
+                f"controller {self.controller_port}, metrics {self.controller_metrics_port}"
+                + (f", prometheus {self.prometheus_port}" if self.monitoring else "")
             )
+
+    @property
+    def controller_metrics_port(self) -> int:
+        return self.metrics_port or self.controller_port + 1
+
+    def ports(self) -> list[int]:
+        """Every root-namespace port the cluster listens on."""
+        ports = [
+            self.etcd_port,
+            self.etcd_port + 1,
+            self.registry_port,
+            self.controller_port,
+            self.controller_metrics_port,
+        ]
+        return [*ports, self.prometheus_port] if self.monitoring else ports
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -617,7 +642,7 @@ def _teardown(name: str, base_dir: Path, state: Mapping[str, Any] | None) -> lis
     _kill_cgroups(cgroups)
 
     # 3. the root-namespace services, then anything else still carrying the cluster's mark
-    for keys in (["controller"], ["registry"], ["etcd"]):
+    for keys in (["prometheus"], ["controller"], ["registry"], ["etcd"]):
         pids = recorded(keys)
         for pid in pids:
             _kill(pid, signal.SIGTERM)
@@ -742,6 +767,15 @@ class DevCluster:
         return f"127.0.0.1:{self.config.controller_port}"
 
     @property
+    def metrics_address(self) -> str:
+        """The controller's /metrics and /sd (Prometheus HTTP service discovery)."""
+        return f"127.0.0.1:{self.config.controller_metrics_port}"
+
+    @property
+    def prometheus_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.config.prometheus_port}" if self.config.monitoring else None
+
+    @property
     def registry_address(self) -> str:
         return f"{self.bridge_ip}:{self.config.registry_port}"
 
@@ -842,16 +876,7 @@ class DevCluster:
                     f"addresses {net}0.0/16 are already routed here "
                     "(another dev cluster?); pick another --subnet-index"
                 )
-        busy = [
-            str(p)
-            for p in (
-                self.config.etcd_port,
-                self.config.etcd_port + 1,
-                self.config.registry_port,
-                self.config.controller_port,
-            )
-            if not _port_free(p)
-        ]
+        busy = [str(p) for p in self.config.ports() if not _port_free(p)]
         if busy:
             raise PreflightError(f"ports already in use: {', '.join(busy)}")
 
@@ -900,6 +925,11 @@ class DevCluster:
             for host in self.hosts:
                 progress(f"agent {host}: starting in {self.netns(host)}")
                 self.start_agent(host)
+        if cfg.monitoring:
+            progress(
+                f"prometheus: starting on {self.prometheus_url}, targets from http://{self.metrics_address}/sd"
+            )
+            self.start_prometheus()
         progress(f"dev cluster {self.name!r} is up: BERTH_ADDR={self.controller_address}")
 
     def _make_bridge(self) -> None:
@@ -1105,6 +1135,8 @@ class DevCluster:
             f"{self.bridge_ip}:{cfg.controller_port}",
             "--prefix",
             "/berth/",
+            "--metrics-listen",
+            self.metrics_address,
             *cfg.controller_args,
         ]
         both = f"{self.controller_address}, {self.bridge_ip}:{cfg.controller_port}"
@@ -1113,6 +1145,37 @@ class DevCluster:
             "controller",
             f"the controller accepted connections on {self.controller_address}",
             lambda: _tcp_accepts("127.0.0.1", cfg.controller_port),
+        )
+
+    def start_prometheus(self) -> None:
+        """Start Prometheus (Debian's package) with deploy/prometheus/ (config and alert rules),
+        its discovery pointed at this cluster's controller; waits until it is ready."""
+        if self._alive("prometheus"):
+            raise DevClusterError("prometheus is already running")
+        work = self.cluster_dir / "prometheus"
+        work.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_load((DEPLOY_PROMETHEUS / "prometheus.yml").read_text())
+        # a dev cluster is small: scrape every second, so a host lost for a few seconds shows
+        config.setdefault("global", {})["scrape_interval"] = DEV_SCRAPE_INTERVAL
+        for job in config.get("scrape_configs", []):
+            job["scrape_interval"] = DEV_SCRAPE_INTERVAL
+            for sd in job.get("http_sd_configs", []):
+                sd["url"] = f"http://{self.metrics_address}/sd"
+        (work / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        shutil.copyfile(DEPLOY_PROMETHEUS / "alerts.yml", work / "alerts.yml")
+        port = self.config.prometheus_port
+        argv = [
+            "prometheus",
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1d",
+        ]
+        self._spawn("prometheus", argv, address=f"127.0.0.1:{port}")
+        self._wait_ready(
+            "prometheus",
+            f"prometheus answered /-/ready on 127.0.0.1:{port}",
+            lambda: _http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200,
         )
 
     def stop_controller(self, sig: int = signal.SIGTERM) -> None:
@@ -1292,6 +1355,8 @@ class DevCluster:
             "base_dir": str(self.config.base_dir),
             "state_dir": str(self.cluster_dir),
             "controller_address": self.controller_address,
+            "metrics_address": self.metrics_address,
+            "prometheus_url": self.prometheus_url,
             "registry_address": self.registry_address,
             "etcd": self.etcd_endpoint,
             "bridge": {"name": self.bridge, "address": f"{self.bridge_ip}/24"},

@@ -12,6 +12,13 @@ import typer
 from berth.controller.api import AgentService, ClusterService
 from berth.controller.cluster import Cluster
 from berth.controller.logs import setup_logging
+from berth.controller.metrics import (
+    DEFAULT_METRICS_LISTEN,
+    ControllerMetrics,
+    GrpcMetricsInterceptor,
+    call_on_loop,
+    sd_targets,
+)
 from berth.controller.nodes import MAX_HEARTBEATS_PER_SECOND, Liveness
 from berth.controller.store import Store, StoreError
 from berth.proto.berth.v1 import agent_pb2_grpc, cluster_pb2_grpc
@@ -21,7 +28,22 @@ log = logging.getLogger("berth.controller")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-async def serve(etcd: str, listen: list[str], prefix: str, max_heartbeats: float) -> None:
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` -> (host, port); "" -> None (metrics off)."""
+    value = value.strip()
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise typer.BadParameter(
+            f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9370), or '' to turn metrics off"
+        )
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+async def serve(
+    etcd: str, listen: list[str], prefix: str, max_heartbeats: float, metrics_listen: tuple[str, int] | None
+) -> None:
     store = Store(etcd, prefix)
     while True:
         try:
@@ -30,16 +52,32 @@ async def serve(etcd: str, listen: list[str], prefix: str, max_heartbeats: float
         except StoreError as exc:
             log.warning("waiting for etcd: %s", exc)
             await asyncio.sleep(1.0)
-    cluster = Cluster(store, liveness=Liveness(max_heartbeats_per_second=max_heartbeats))
+    metrics = ControllerMetrics()
+    cluster = Cluster(store, liveness=Liveness(max_heartbeats_per_second=max_heartbeats), metrics=metrics)
     await cluster.start()
+    loop = asyncio.get_running_loop()
+    if metrics_listen is not None:
+        metrics.watch_state(cluster.state_view, loop)
+        host, port = metrics_listen
+        try:
+            bound = metrics.serve(host, port, lambda: call_on_loop(loop, targets))
+        except OSError as exc:
+            raise SystemExit(f"--metrics-listen: cannot bind {host}:{port}: {exc.strerror}") from None
+        own = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound}"
+
+        def targets() -> list[dict[str, object]]:
+            return sd_targets(own, (s.value for s in cluster.state.nodes.values()))
+
+        log.info("metrics serving address=%s:%d paths=/metrics,/sd", host, bound)
     # keepalive pings reap streams of agents that vanished without a FIN (power loss, partition)
     server = grpc.aio.server(
+        interceptors=[GrpcMetricsInterceptor(metrics)],
         options=[
             ("grpc.keepalive_time_ms", 5000),
             ("grpc.keepalive_timeout_ms", 5000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-        ]
+        ],
     )
     cluster_pb2_grpc.add_ClusterAPIServicer_to_server(ClusterService(cluster), server)
     agent_pb2_grpc.add_AgentAPIServicer_to_server(AgentService(cluster), server)
@@ -49,13 +87,13 @@ async def serve(etcd: str, listen: list[str], prefix: str, max_heartbeats: float
     await server.start()
     log.info("controller serving addresses=%s etcd=%s prefix=%s", ",".join(listen), etcd, prefix)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("controller stopping")
     await server.stop(grace=1.0)
     await cluster.stop()
+    metrics.close()
     await store.close()
 
 
@@ -67,6 +105,11 @@ def main(
     ),
     prefix: str = typer.Option("/berth/", help="Key prefix for all state in etcd."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    metrics_listen: str = typer.Option(
+        DEFAULT_METRICS_LISTEN,
+        help="Address for Prometheus: /metrics, and /sd (HTTP service discovery of the controller "
+        "and every agent's metrics). '' turns it off.",
+    ),
     max_heartbeats_per_second: float = typer.Option(
         MAX_HEARTBEATS_PER_SECOND,
         min=1.0,
@@ -77,7 +120,7 @@ def main(
     """Run the Berth controller: keeps declared services placed and running across agents."""
     setup_logging(log_level)
     try:
-        asyncio.run(serve(etcd, listen, prefix, max_heartbeats_per_second))
+        asyncio.run(serve(etcd, listen, prefix, max_heartbeats_per_second, parse_listen(metrics_listen)))
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
 

@@ -27,10 +27,11 @@ from berth.controller.errors import (
     UnavailableError,
 )
 from berth.controller.events import EventBus
+from berth.controller.metrics import PENDING_REASONS, ControllerMetrics, StateView, reason_code
 from berth.controller.nodes import AT_MOST_ONE_MARGIN, Liveness
 from berth.controller.planning import Snapshot, needs_new_tasks, preview, scheduling_step
 from berth.controller.reconciler import Replacement, reconcile
-from berth.controller.state import ClusterState, running_count
+from berth.controller.state import ClusterState
 from berth.controller.store import ConflictError, Op, Put, Store, StoreError
 from berth.controller.validation import SpecError, validate_spec
 from berth.proto.berth.v1 import agent_pb2, cluster_pb2
@@ -43,6 +44,7 @@ LIVENESS_TICK = 0.25
 STATUS_FLUSH_DELAY = 0.02
 COALESCE_DELAY = 0.02
 STALL_LIMIT = 1.0  # a liveness tick this late means the controller itself was not running
+SUSPECT_INTERVALS = 2.0  # a node silent this many heartbeat intervals no longer vouches for its tasks
 
 _STATE_EVENTS = {
     pb.TASK_STATE_RUNNING: "task-started",
@@ -71,6 +73,7 @@ class Cluster:
         clock: Callable[[], float] = time.time,
         liveness: Liveness | None = None,
         margin: float = AT_MOST_ONE_MARGIN,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self.store = store
         self.keys = store.keys
@@ -86,6 +89,9 @@ class Cluster:
         self._awaiting_margin: set[str] = set()
         self._status_inbox: dict[str, pb.TaskStatus] = {}
         self._status_wake = asyncio.Event()  # down nodes whose at-most-one tasks wait for the margin
+        self.metrics = metrics or ControllerMetrics()
+        # node id -> (monotonic time it was declared down, {task key: id of the task it held there})
+        self._failovers: dict[str, tuple[float, dict[str, str]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -265,7 +271,7 @@ class Cluster:
         tasks = [t for _, t in self.state.tasks_of(name)]
         return cluster_pb2.ServiceView(
             service=stored.value,
-            running=running_count(self.state, tasks),
+            running=sum(1 for t in tasks if self.observed_running(t)),
             pending=sum(1 for t in tasks if not t.node_id),
         )
 
@@ -481,6 +487,8 @@ class Cluster:
                 ops.append(self.state.put(self.keys.status(task_id), status))
                 running = running or status.state == pb.TASK_STATE_RUNNING
             await self._commit(ops)
+        if running:
+            self._check_failovers()
         if running and self.state.retiring:
             self.trigger()  # a replacement may now run: its retiring predecessor can go
 
@@ -536,6 +544,13 @@ class Cluster:
             await self._commit(ops)
         for node in down:
             self._awaiting_margin.add(node.id)
+            self.metrics.node_down_events.inc()
+            held = {
+                self.state.task_key_by_id[t.id]: t.id
+                for t in self.state.tasks_on(node.id)
+                if t.id in self.state.task_key_by_id
+            }
+            self._failovers[node.id] = (time.monotonic(), held)
             silent = silence[node.id]
             self.events.publish(
                 "node-down", f"no heartbeat for {silent:.1f}s", node_id=node.id, node=node.name
@@ -570,6 +585,14 @@ class Cluster:
                 await asyncio.sleep(1.0)
 
     async def reconcile_once(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self._reconcile_once()
+        finally:
+            self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+        self._check_failovers()
+
+    async def _reconcile_once(self) -> None:
         async with self._lock:
             now = self.clock()
             result = reconcile(
@@ -691,6 +714,12 @@ class Cluster:
                 ops += self._mark_unreplaced(r, w.reason)
         planned = time.perf_counter()
         await self._commit(ops)
+        self.metrics.scheduling_attempts.labels("placed").inc(len(plan.placements))
+        self.metrics.scheduling_attempts.labels("pending").inc(len(plan.pending))
+        latency = self.metrics.placement_latency
+        for p in plan.placements:
+            created = pending[p.task_id][1] if p.task_id in pending else replacements[p.task_id][1]
+            latency.observe(max(0.0, now - created.created_at))
         log.info(
             "placement pass placed=%d pending=%d plan_s=%.3f commit_s=%.3f writes=%d",
             len(plan.placements),
@@ -718,6 +747,67 @@ class Cluster:
                 service=r.old.service,
                 task=r.old.id,
             )
+
+    # -- metrics -----------------------------------------------------------------------
+
+    def _check_failovers(self) -> None:
+        """Observe the failover time of every down node whose tasks all run again: replaced
+        elsewhere, reclaimed after it came back, or no longer wanted (scaled down, removed)."""
+        for node_id, (since, held) in list(self._failovers.items()):
+            stored = self.state.nodes.get(node_id)
+            back = stored is not None and stored.value.state == pb.NODE_STATE_READY
+            left = {key: old for key, old in held.items() if not self._slot_recovered(key, old, back)}
+            if left:
+                self._failovers[node_id] = (since, left)
+                continue
+            del self._failovers[node_id]
+            self.metrics.failover.observe(time.monotonic() - since)
+
+    def _slot_recovered(self, key: str, old_id: str, node_back: bool) -> bool:
+        current = self.state.tasks.get(key)
+        if current is None:
+            return True
+        if current.value.id == old_id and not node_back:
+            return False
+        return self.state.is_running(current.value)
+
+    def observed_running(self, task: pb.Task) -> bool:
+        """Running as far as anyone can tell: its agent reported it running, and that agent was
+        heard from within two heartbeat intervals. A silent node's tasks stop counting before the
+        node is declared down, so `service ls` and /metrics show a lost host as a dip."""
+        if not self.state.is_running(task):
+            return False
+        node = self.state.nodes.get(task.node_id)
+        if node is None or node.value.state != pb.NODE_STATE_READY:
+            return False
+        return self.liveness.silent_for(task.node_id) <= SUSPECT_INTERVALS * self.liveness.interval
+
+    def state_view(self) -> StateView:
+        """The state series of /metrics (called on the event loop at every scrape)."""
+        view = StateView()
+        for name, service in self.state.services.items():
+            view.desired[name] = service.value.spec.replicas
+            view.running[name] = 0
+            # every reason of every service, 0 included (as kube-state-metrics does for phases):
+            # a query or alert sees "none pending" rather than no series at all
+            view.pending.update({(name, reason): 0 for reason in PENDING_REASONS})
+        for stored_task in self.state.tasks.values():
+            task = stored_task.value
+            if not task.node_id:
+                key = (task.service, reason_code(task.pending_reason))
+                view.pending[key] = view.pending.get(key, 0) + 1
+            elif task.service in view.running and self.observed_running(task):
+                view.running[task.service] += 1
+        for stored_node in self.state.nodes.values():
+            node = stored_node.value
+            cap = node.capacity
+            capacity = {"cpu": cap.cpu_millis / 1000, "memory": float(cap.memory_bytes)}
+            capacity.update({k: float(v) for k, v in cap.scalars.items()})
+            held = placement.allocated_by(self.state.tasks_on(node.id))
+            allocated = {"cpu": held.cpu_millis / 1000, "memory": float(held.memory_bytes)}
+            allocated.update({k: float(v) for k, v in held.scalars.items()})
+            view.nodes.append((node.name, node.state == pb.NODE_STATE_READY, capacity, allocated))
+        return view
 
     def _mark_unreplaced(self, r: Replacement, reason: str) -> list[Op]:
         """A task on a down node that no other node can take: show it as lost, keep it in place

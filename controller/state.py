@@ -4,7 +4,7 @@ by applying every committed write (the controller is the only writer of these ke
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,7 +152,3 @@ class ClusterState:
     def is_running(self, task: pb.Task) -> bool:
         status = self.status_of(task.id)
         return status is not None and status.state == pb.TASK_STATE_RUNNING and status.node_id == task.node_id
-
-
-def running_count(state: ClusterState, tasks: Iterable[pb.Task]) -> int:
-    return sum(1 for task in tasks if state.is_running(task))

@@ -55,6 +55,8 @@ def controller(tmp_path: Path, controller_args: list[str]) -> Iterator[tuple[str
                 address,
                 "--prefix",
                 "/hollow/",
+                "--metrics-listen",
+                f"127.0.0.1:{free_port()}",
                 *controller_args,
             ],
             stdout=log,

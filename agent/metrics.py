@@ -20,10 +20,11 @@ import platform
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from socketserver import TCPServer, ThreadingMixIn
 from typing import Protocol
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -265,7 +266,11 @@ class AgentMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
-        server, thread = start_http_server(port, host, registry=self.registry)
+        server = make_server(
+            host, port, make_wsgi_app(self.registry), _MetricsServer, handler_class=_QuietHandler
+        )
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
         self._server, self._thread = server, thread
         return int(server.server_port)
 
@@ -274,6 +279,25 @@ class AgentMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's own server, minus the reverse DNS lookup in ``HTTPServer.server_bind``
+    (``socket.getfqdn``): in a host's network namespace without a resolver it blocked the agent's
+    start for ~10 s, long enough for the controller to declare the node down."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        return
 
 
 def parse_listen(value: str, default_host: str) -> tuple[str, int] | None:

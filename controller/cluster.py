@@ -43,6 +43,7 @@ RESYNC_INTERVAL = 5.0  # the loop also runs this often without a trigger (pendin
 LIVENESS_TICK = 0.25
 STATUS_FLUSH_DELAY = 0.02
 COALESCE_DELAY = 0.02
+COALESCE_MAX = 0.5
 STALL_LIMIT = 1.0  # a liveness tick this late means the controller itself was not running
 SUSPECT_INTERVALS = 2.0  # a node silent this many heartbeat intervals no longer vouches for its tasks
 
@@ -572,8 +573,7 @@ class Cluster:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=RESYNC_INTERVAL)
-            await asyncio.sleep(COALESCE_DELAY)  # a burst of API calls becomes one pass
-            self._wake.clear()
+            await self._coalesce()
             try:
                 await self.reconcile_once()
             except UnavailableError as exc:
@@ -583,6 +583,19 @@ class Cluster:
             except Exception:
                 log.exception("reconcile failed")
                 await asyncio.sleep(1.0)
+
+    async def _coalesce(self) -> None:
+        """Let a burst of changes become one pass: wait until no trigger came for COALESCE_DELAY,
+        at most COALESCE_MAX. A hundred services created at once are then placed in one plan and
+        one commit, instead of a first pass with the few that made it and the rest queued behind
+        it on the writer lock; a lone change waits COALESCE_DELAY, as before."""
+        deadline = time.monotonic() + COALESCE_MAX
+        while True:
+            self._wake.clear()
+            await asyncio.sleep(COALESCE_DELAY)
+            if not self._wake.is_set() or time.monotonic() >= deadline:
+                self._wake.clear()
+                return
 
     async def reconcile_once(self) -> None:
         started = time.perf_counter()

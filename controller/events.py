@@ -34,6 +34,9 @@ class EventBus:
         service: str = "",
         task: str = "",
     ) -> None:
+        level = logging.DEBUG if kind.startswith("task-") else logging.INFO
+        if not self._subscribers and not log.isEnabledFor(level):
+            return  # nobody watches: a 100,000-task placement should not build 100,000 events
         event = cluster_pb2.Event(
             time=self.clock(),
             kind=kind,
@@ -43,7 +46,6 @@ class EventBus:
             task=task,
             message=message,
         )
-        level = logging.DEBUG if kind.startswith("task-") else logging.INFO
         log.log(level, "event kind=%s node=%s service=%s task=%s msg=%s", kind, node, service, task, message)
         for queue in self._subscribers:
             if queue.full():

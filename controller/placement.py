@@ -53,15 +53,24 @@ def allocated_by(tasks: Iterable[pb.Task]) -> Resources:
 def node_info(node: pb.Node, placed: Sequence[pb.Task]) -> NodeInfo:
     counts: dict[str, int] = {}
     ports: set[tuple[str, int]] = set()
-    for t in placed:
+    cpu = mem = 0
+    scalars: dict[str, int] = {}
+    for t in placed:  # one pass: every pass of the loop walks every placed task through here
         counts[t.service] = counts.get(t.service, 0) + 1
-        for p in t.ports:
-            ports.add((p.protocol or "tcp", p.host_port))
+        if t.ports:
+            for p in t.ports:
+                ports.add((p.protocol or "tcp", p.host_port))
+        req = t.spec.resources
+        cpu += req.cpu_millis
+        mem += req.memory_bytes
+        if req.scalars:
+            for name, value in req.scalars.items():
+                scalars[name] = scalars.get(name, 0) + value
     return NodeInfo(
         id=node.id,
         name=node.name,
         capacity=resources_of(node.capacity),
-        allocated=allocated_by(placed),
+        allocated=Resources(cpu_millis=cpu, memory_bytes=mem, scalars=scalars),
         labels=dict(node.labels),
         ready=node.state == pb.NODE_STATE_READY,
         availability=_AVAILABILITY[node.availability],

@@ -106,7 +106,7 @@ class DevClusterConfig:
             ("registry", self.registry_port),
             ("controller", self.controller_port),
             ("metrics", self.controller_metrics_port),
-            ("prometheus", self.prometheus_port),
+            *([("prometheus", self.prometheus_port)] if self.monitoring else []),
         ):
             if not 1 <= port <= 65535:
                 raise DevClusterError(f"bad {what} port {port}")
@@ -842,11 +842,13 @@ class DevCluster:
             tools += ["umoci", "skopeo"]
         if self.config.start_agents:
             tools += ["runc"]
+        if self.config.monitoring:
+            tools += ["prometheus"]
         missing = [t for t in tools if shutil.which(t) is None]
         if missing:
             raise PreflightError(
                 f"missing tools: {', '.join(missing)} (Debian packages: etcd-server, "
-                "docker-registry, skopeo, umoci, runc, nftables, iproute2)"
+                "docker-registry, skopeo, umoci, runc, nftables, iproute2, prometheus)"
             )
         if self.state_file.exists():
             raise PreflightError(

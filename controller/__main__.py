@@ -36,7 +36,8 @@ def parse_listen(value: str) -> tuple[str, int] | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise typer.BadParameter(
-            f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9370), or '' to turn metrics off"
+            f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9370), or '' to turn metrics off",
+            param_hint="--metrics-listen",
         )
     return host.removeprefix("[").removesuffix("]"), int(port)
 
@@ -63,7 +64,7 @@ async def serve(
             bound = metrics.serve(host, port, lambda: call_on_loop(loop, targets))
         except OSError as exc:
             raise SystemExit(f"--metrics-listen: cannot bind {host}:{port}: {exc.strerror}") from None
-        own = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound}"
+        own = f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{bound}"
 
         def targets() -> list[dict[str, object]]:
             return sd_targets(own, (s.value for s in cluster.state.nodes.values()))

@@ -16,6 +16,7 @@ reported a metrics address; see deploy/prometheus/prometheus.yml.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import platform
@@ -105,6 +106,7 @@ class StateView:
 class StateCollector(Collector):
     def __init__(self, take: Callable[[], StateView]) -> None:
         self._take = take
+        self._build = [berth_version(), platform.python_version()]  # read once, not every scrape
 
     def collect(self) -> Iterator[Metric]:
         view = self._take()
@@ -156,7 +158,7 @@ class StateCollector(Collector):
             "Always 1; the labels say which build runs.",
             labels=["version", "python_version"],
         )
-        info.add_metric([berth_version(), platform.python_version()], 1.0)
+        info.add_metric(self._build, 1.0)
         yield from (desired, running, pending, states, up, capacity, allocated, leader, info)
 
 
@@ -299,6 +301,20 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: ControllerMetrics) -> None:
         self.metrics = metrics
 
+    @contextlib.contextmanager
+    def _recorded(self, method: str, context: grpc.aio.ServicerContext, *, timed: bool) -> Iterator[None]:
+        started = time.perf_counter()
+        failed: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            if timed:
+                self.metrics.grpc_duration.labels(method).observe(time.perf_counter() - started)
+            self.metrics.grpc_requests.labels(method, _code_of(context, failed)).inc()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
@@ -307,73 +323,44 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method.rpartition(".")[2]  # "/berth.v1.ClusterAPI/Create" -> tail
-        method = method.lstrip("/")
-        requests, duration = self.metrics.grpc_requests, self.metrics.grpc_duration
-
-        def code_of(context: grpc.aio.ServicerContext, failed: BaseException | None) -> str:
-            code = context.code()
-            if isinstance(code, grpc.StatusCode):
-                return str(code.name)
-            if isinstance(failed, asyncio.CancelledError):
-                return "CANCELLED"
-            return "UNKNOWN" if failed is not None else "OK"
-
+        method = handler_call_details.method.rpartition(".")[2]  # "/berth.v1.ClusterAPI/X" -> "ClusterAPI/X"
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        recorded = self._recorded
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            unary = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                failed: BaseException | None = None
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    duration.labels(method).observe(time.perf_counter() - started)
-                    requests.labels(method, code_of(context, failed)).inc()
+            async def timed_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with recorded(method, context, timed=True):
+                    return await unary(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(timed_unary, **codec)
         if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+            stream = handler.unary_stream
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                failed: BaseException | None = None
-                try:
-                    async for item in inner_us(request, context):
+            async def counted_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with recorded(method, context, timed=False):
+                    async for item in stream(request, context):
                         yield item
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    requests.labels(method, code_of(context, failed)).inc()
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_stream_rpc_method_handler(counted_stream, **codec)
         if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
+            bidi = handler.stream_stream
 
-            async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                failed: BaseException | None = None
-                try:
-                    return await inner_ss(request_iterator, context)
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    requests.labels(method, code_of(context, failed)).inc()
+            async def counted_bidi(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                with recorded(method, context, timed=False):
+                    return await bidi(requests, context)
 
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.stream_stream_rpc_method_handler(counted_bidi, **codec)
         return handler
+
+
+def _code_of(context: grpc.aio.ServicerContext, failed: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(failed, asyncio.CancelledError):
+        return "CANCELLED"
+    return "UNKNOWN" if failed is not None else "OK"

@@ -53,24 +53,15 @@ def allocated_by(tasks: Iterable[pb.Task]) -> Resources:
 def node_info(node: pb.Node, placed: Sequence[pb.Task]) -> NodeInfo:
     counts: dict[str, int] = {}
     ports: set[tuple[str, int]] = set()
-    cpu = mem = 0
-    scalars: dict[str, int] = {}
-    for t in placed:  # one pass: every pass of the loop walks every placed task through here
+    for t in placed:
         counts[t.service] = counts.get(t.service, 0) + 1
-        if t.ports:
-            for p in t.ports:
-                ports.add((p.protocol or "tcp", p.host_port))
-        req = t.spec.resources
-        cpu += req.cpu_millis
-        mem += req.memory_bytes
-        if req.scalars:
-            for name, value in req.scalars.items():
-                scalars[name] = scalars.get(name, 0) + value
+        for p in t.ports:
+            ports.add((p.protocol or "tcp", p.host_port))
     return NodeInfo(
         id=node.id,
         name=node.name,
         capacity=resources_of(node.capacity),
-        allocated=Resources(cpu_millis=cpu, memory_bytes=mem, scalars=scalars),
+        allocated=allocated_by(placed),
         labels=dict(node.labels),
         ready=node.state == pb.NODE_STATE_READY,
         availability=_AVAILABILITY[node.availability],

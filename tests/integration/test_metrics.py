@@ -134,6 +134,18 @@ def test_promql_answers_match_what_berth_reports(cluster: DevCluster, tmp_path: 
     assert allocated == node["allocated"]["memory_bytes"]
 
 
+def test_grpc_calls_are_counted_by_method_and_code(cluster: DevCluster) -> None:
+    def count(code: str) -> float:
+        page = get(f"http://{cluster.metrics_address}/metrics").decode()
+        wanted = f'berth_grpc_requests_total{{code="{code}",method="ClusterAPI/ScaleService"}} '
+        return next((float(line.split()[-1]) for line in page.splitlines() if line.startswith(wanted)), 0.0)
+
+    before = count("NOT_FOUND")
+    assert berth(cluster, "service", "scale", "nosuch=2", check=False).returncode != 0
+    assert count("NOT_FOUND") == before + 1
+    assert count("OK") == 0.0  # nothing was scaled
+
+
 def test_every_dashboard_query_runs_against_prometheus(cluster: DevCluster) -> None:
     values = {"service": "portal", "node": next(iter(cluster.hosts)), "__rate_interval": "1m"}
     values |= {"__interval": "15s", "__range": "5m"}

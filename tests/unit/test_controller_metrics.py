@@ -4,7 +4,9 @@ state series built from a view (names and label sets checked against the catalog
 from __future__ import annotations
 
 import pytest
+import typer
 
+from berth.controller.__main__ import parse_listen
 from berth.controller.metrics import (
     PENDING_REASONS,
     ControllerMetrics,
@@ -107,3 +109,17 @@ def test_state_series_from_a_view() -> None:
         entry = METRICS.get(name) or METRICS.get(base)
         assert entry is not None, name
         assert {k for k, _ in labels} - {"le"} == set(entry[1]), name
+
+
+@pytest.mark.parametrize("value", ["bogus", "host:", ":9370", "1.2.3.4:99999"])
+def test_a_bad_metrics_address_names_the_flag(value: str) -> None:
+    with pytest.raises(typer.BadParameter) as caught:
+        parse_listen(value)
+    assert caught.value.param_hint == "--metrics-listen"
+    assert value in caught.value.message
+
+
+def test_metrics_can_be_turned_off_or_given_an_address() -> None:
+    assert parse_listen("") is None
+    assert parse_listen("0.0.0.0:9370") == ("0.0.0.0", 9370)
+    assert parse_listen("[::1]:9370") == ("::1", 9370)

@@ -58,8 +58,9 @@ def container_spec(task: pb.Task, node_name: str) -> ContainerSpec:
         slot=task.slot,
         node_name=node_name,
         image=spec.image,
-        args=tuple(spec.args),
-        env=dict(spec.env),
+        # an empty upb map still costs a Python-level key walk to copy: skip it
+        args=tuple(spec.args) if spec.args else (),
+        env=dict(spec.env) if spec.env else {},
         cpu_millis=spec.resources.cpu_millis,
         memory_bytes=spec.resources.memory_bytes,
         pids_limit=spec.pids_limit or 512,

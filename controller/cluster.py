@@ -127,42 +127,52 @@ class Cluster:
     # -- the one writer ----------------------------------------------------------------
 
     async def _commit(self, ops: Sequence[Op]) -> None:
-        """Commit ops, fold them into the cache, notify agents. Caller holds the lock."""
+        """Commit ops; as each transaction commits, fold it into the cache and tell the agents
+        concerned (they start work while etcd takes the rest of a large pass). Caller holds the
+        writer lock. A failure stops the call, but what already committed is in the cache."""
         if not ops:
             return
-        added: dict[str, dict[str, pb.Task]] = defaultdict(dict)
-        removed: dict[str, set[str]] = defaultdict(set)
-        for op in ops:
-            if not op.key.startswith((self.keys.tasks, self.keys.retiring)):
-                continue
-            old = self.state.value_of(op.key)
-            new = op.value if isinstance(op, Put) and isinstance(op.value, pb.Task) else None
-            if (
-                old is not None
-                and old.node_id
-                and (new is None or new.id != old.id or new.node_id != old.node_id)
-            ):
-                removed[old.node_id].add(old.id)
-            if (
-                new is not None
-                and new.node_id
-                and (old is None or old.id != new.id or old.node_id != new.node_id)
-            ):
-                added[new.node_id][new.id] = new
         try:
-            revisions = await self.store.commit(ops)
+            await self.store.commit(ops, on_batch=self._fold)
         except ConflictError:
             log.warning("write conflict; reloading state from etcd")
             await self._reload()
             raise UnavailableError("state changed concurrently; retry") from None
         except StoreError as exc:
             raise UnavailableError(str(exc)) from exc
-        self.state.apply(ops, revisions)
-        for node_id in set(added) | set(removed):
-            # a task moving between keys on one node (slot -> retiring) is neither added nor removed
-            gone = removed.get(node_id, set()) - set(added.get(node_id, {}))
+
+    def _fold(self, batch: Sequence[Op], revisions: dict[str, int]) -> None:
+        """Fold one committed transaction into the cache and send each agent concerned what it
+        must now run or stop: the difference in what the cache says the node holds, so a task
+        moving from its slot to ``retiring/`` on the same node (drain) is neither, whichever
+        transaction each of the two writes landed in."""
+        touched: set[tuple[str, str]] = set()  # (node id, task id)
+        tasks, retiring = self.keys.tasks, self.keys.retiring
+        for op in batch:
+            if not op.key.startswith((tasks, retiring)):
+                continue
+            old = self.state.value_of(op.key)
+            if old is not None and old.node_id:
+                touched.add((old.node_id, old.id))
+            if isinstance(op, Put) and isinstance(op.value, pb.Task) and op.value.node_id:
+                touched.add((op.value.node_id, op.value.id))
+        on_node = self.state.on_node
+        held_before = {(n, t) for n, t in touched if t in on_node.get(n, {})}
+        self.state.apply(batch, revisions)
+        added: dict[str, list[pb.Task]] = defaultdict(list)
+        removed: dict[str, list[str]] = defaultdict(list)
+        for node_id, task_id in touched:
+            held = on_node.get(node_id, {}).get(task_id)
+            before = (node_id, task_id) in held_before
+            if held is not None and not before:
+                added[node_id].append(held)
+            elif held is None and before:
+                removed[node_id].append(task_id)
+        for node_id in added.keys() | removed.keys():
             assignments = agent_pb2.Assignments(
-                full=False, tasks=list(added.get(node_id, {}).values()), removed=sorted(gone)
+                full=False,
+                tasks=sorted(added.get(node_id, []), key=lambda t: (t.service, t.slot)),
+                removed=sorted(removed.get(node_id, [])),
             )
             self.hub.send(node_id, agent_pb2.ControllerMessage(assignments=assignments))
 
@@ -479,6 +489,10 @@ class Cluster:
                 log.exception("status flush failed")
 
     async def _write_statuses(self, inbox: dict[str, pb.TaskStatus]) -> None:
+        """Write what agents observed, under the writer lock. During a large placement pass
+        agents already run the tasks of its first transactions; their statuses queue in the
+        inbox (coalesced per task) and go out in one batch when the pass is committed, rather
+        than compete with it for the event loop."""
         running = False
         async with self._lock:
             ops: list[Op] = []
@@ -608,7 +622,10 @@ class Cluster:
     async def _reconcile_once(self) -> None:
         async with self._lock:
             now = self.clock()
-            result = reconcile(
+            # pure and O(tasks): off the event loop, like the scheduler, so heartbeats and
+            # status reports keep flowing while 100,000 slots are compared
+            result = await asyncio.to_thread(
+                reconcile,
                 services={name: s.value for name, s in self.state.services.items()},
                 tasks={key: s.value for key, s in self.state.tasks.items()},
                 node_ids=set(self.state.nodes),
@@ -705,10 +722,12 @@ class Cluster:
             return
         plan, pending, replacements = step.plan, step.pending, step.replacements
         moved: list[tuple[Replacement, pb.Task]] = []
-        for p in plan.placements:
+        # written node by node: a transaction then holds the tasks of a few nodes, and as it
+        # commits those agents get all their new work in one message and start on it
+        for p in sorted(plan.placements, key=lambda p: p.node_id):
             if p.task_id in pending:
                 key, task = pending[p.task_id]
-                ops.append(self.state.put(key, placement.placed(task, p, now)))
+                ops.append(self.state.put(key, placement.placed(task, p, now, in_place=key in fresh)))
             else:
                 r, new = replacements[p.task_id]
                 ops.append(self.state.put(r.key, placement.placed(new, p, now)))
@@ -742,7 +761,7 @@ class Cluster:
             len(ops),
         )
         names = {nid: s.value.name for nid, s in self.state.nodes.items()}
-        for p in plan.placements:
+        for p in plan.placements if self.events.wants("task-placed") else ():
             placed_task = self.state.task_by_id(p.task_id)
             self.events.publish(
                 "task-placed",

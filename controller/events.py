@@ -34,9 +34,9 @@ class EventBus:
         service: str = "",
         task: str = "",
     ) -> None:
-        level = logging.DEBUG if kind.startswith("task-") else logging.INFO
-        if not self._subscribers and not log.isEnabledFor(level):
+        if not self.wants(kind):
             return  # nobody watches: a 100,000-task placement should not build 100,000 events
+        level = logging.DEBUG if kind.startswith("task-") else logging.INFO
         event = cluster_pb2.Event(
             time=self.clock(),
             kind=kind,
@@ -52,6 +52,12 @@ class EventBus:
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
             queue.put_nowait(event)
+
+    def wants(self, kind: str) -> bool:
+        """Whether an event of this kind would reach anyone (a subscriber or the log): callers
+        with many events to build skip the work when not."""
+        level = logging.DEBUG if kind.startswith("task-") else logging.INFO
+        return bool(self._subscribers) or log.isEnabledFor(level)
 
     def subscribe(self) -> asyncio.Queue[cluster_pb2.Event]:
         queue: asyncio.Queue[cluster_pb2.Event] = asyncio.Queue(QUEUE_SIZE)

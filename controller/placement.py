@@ -112,10 +112,14 @@ def task_requests(tasks: Sequence[pb.Task]) -> list[TaskRequest]:
     return out
 
 
-def placed(task: pb.Task, placement: Placement, now: float) -> pb.Task:
-    """The task bound to the plan's node, with the host ports the scheduler allocated."""
-    out = pb.Task()
-    out.CopyFrom(task)
+def placed(task: pb.Task, placement: Placement, now: float, *, in_place: bool = False) -> pb.Task:
+    """The task bound to the plan's node, with the host ports the scheduler allocated.
+    ``in_place`` binds ``task`` itself: for a task made in this pass, that nothing else holds."""
+    if in_place:
+        out = task
+    else:
+        out = pb.Task()
+        out.CopyFrom(task)
     out.node_id = placement.node_id
     out.pending_reason = ""
     out.assigned_at = now

@@ -58,12 +58,19 @@ def reconcile(
     delete: list[str] = []
     wanted: set[str] = set()
     for name, service in services.items():
+        template: pb.Task | None = None  # a service's new tasks differ only in id and slot
         for slot in range(1, service.spec.replicas + 1):
             key = task_key(name, slot)
             wanted.add(key)
             current = tasks.get(key)
             if current is None or current.spec_generation != service.generation:
-                put.append((key, new_task(service, slot, task_id=new_id(name, slot), now=now)))
+                if template is None:
+                    template = new_task(service, 0, task_id="", now=now)
+                task = pb.Task()
+                task.CopyFrom(template)
+                task.id = new_id(name, slot)
+                task.slot = slot
+                put.append((key, task))
             elif current.node_id and current.node_id not in node_ids:
                 reset = pb.Task()
                 reset.CopyFrom(current)

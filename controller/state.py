@@ -35,13 +35,24 @@ class ClusterState:
         if task.node_id:
             self.on_node[task.node_id][task.id] = task
 
-    def _unindex(self, task: pb.Task) -> None:
-        if task.node_id:
+    def _unindex(self, task: pb.Task, table: dict[str, Any]) -> None:
+        if task.node_id and not self._held_elsewhere(task, table):
             held = self.on_node.get(task.node_id)
             if held is not None:
                 held.pop(task.id, None)
                 if not held:
                     del self.on_node[task.node_id]
+
+    def _held_elsewhere(self, task: pb.Task, table: dict[str, Any]) -> bool:
+        """Whether the other table (slots or retiring) still places this task on its node: a
+        drained task is under both keys for a moment, and the two writes may be folded in
+        either order (they can land in different transactions)."""
+        if table is self.tasks:
+            other = self.retiring.get(task.id)
+        else:
+            key = self.task_key_by_id.get(task.id)
+            other = self.tasks.get(key) if key is not None else None
+        return other is not None and other.value.node_id == task.node_id
 
     @classmethod
     def from_loaded(cls, keys: Keys, loaded: Loaded) -> ClusterState:
@@ -57,12 +68,12 @@ class ClusterState:
     def _table(self, key: str) -> tuple[dict[str, Any], str] | None:
         """The cache table holding ``key`` and the key's name inside it."""
         k = self.keys
-        if key.startswith(k.services):
-            return self.services, key.removeprefix(k.services)
-        if key.startswith(k.tasks):
+        if key.startswith(k.tasks):  # the most written first
             return self.tasks, key
         if key.startswith(k.statuses):
-            return self.statuses, key.removeprefix(k.statuses)
+            return self.statuses, key[len(k.statuses) :]
+        if key.startswith(k.services):
+            return self.services, key.removeprefix(k.services)
         if key.startswith(k.nodes):
             return self.nodes, key.removeprefix(k.nodes)
         if key.startswith(k.retiring):
@@ -103,7 +114,7 @@ class ClusterState:
             if table is self.tasks or table is self.retiring:
                 old = table.get(name)
                 if old is not None:
-                    self._unindex(old.value)
+                    self._unindex(old.value, table)
                     if table is self.tasks:
                         self.task_key_by_id.pop(old.value.id, None)
                 if isinstance(op, Put):

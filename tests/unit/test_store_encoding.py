@@ -1,5 +1,6 @@
-"""The store's fast task encoding writes exactly the bytes ``json_format`` would (etcd values stay
-the documented JSON, readable with etcdctl, and decode back to the same message)."""
+"""The store's fast record encoding (``controller/record_json.py``) writes exactly the bytes
+``json_format`` would (etcd values stay the documented JSON, readable with etcdctl, and decode back
+to the same message)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,35 @@ tasks = st.builds(
     st.floats(allow_nan=False, allow_infinity=False),
     st.lists(st.integers(1, 60000), max_size=2),
 )
+states = st.sampled_from([0, *pb.TaskState.values(), 99])  # 99: a number without a name
+statuses = st.builds(
+    lambda tid, node, state, msg, err, pid, ip, restarts, code, updated, started, digest: pb.TaskStatus(
+        task_id=tid,
+        node_id=node,
+        state=state,
+        message=msg,
+        error=err,
+        pid=pid,
+        container_ip=ip,
+        restarts=restarts,
+        exit_code=code,
+        updated_at=updated,
+        started_at=started,
+        image_digest=digest,
+    ),
+    text,
+    text,
+    states,
+    text,
+    text,
+    st.integers(-(2**31), 2**31 - 1),
+    text,
+    st.integers(0, 2**31 - 1),
+    st.integers(-(2**31), 2**31 - 1),
+    st.floats(),
+    st.floats(),
+    text,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -79,7 +109,17 @@ def test_task_bytes_equal_json_format(task: pb.Task) -> None:
     assert decode(encode(task), pb.Task) == task
 
 
-@pytest.mark.parametrize("created", [math.inf, -math.inf, 0.0, 1e-300, 1.7976931348623157e308])
+@settings(max_examples=300, deadline=None)
+@given(statuses)
+def test_status_bytes_equal_json_format(status: pb.TaskStatus) -> None:
+    assert encode(status) == reference(status)
+    if not math.isnan(status.updated_at) and not math.isnan(status.started_at):
+        assert decode(encode(status), pb.TaskStatus) == status
+
+
+@pytest.mark.parametrize(
+    "created", [math.inf, -math.inf, math.nan, 0.0, -0.0, 1e-300, 1.7976931348623157e308]
+)
 def test_special_doubles(created: float) -> None:
     task = pb.Task(id="a.1.x", service="a", spec=pb.ServiceSpec(name="a", image="i"), created_at=created)
     assert encode(task) == reference(task)
@@ -90,7 +130,14 @@ def test_a_string_that_looks_like_the_splice_mark_stays_intact() -> None:
     assert encode(task) == reference(task)
 
 
+def test_a_desired_state_without_a_name_falls_back() -> None:
+    task = pb.Task(id="a.1.x", desired_state=42)  # type: ignore[arg-type]
+    assert encode(task) == reference(task)
+
+
 def test_a_task_without_spec_and_other_messages() -> None:
     assert encode(pb.Task(id="a.1.x")) == reference(pb.Task(id="a.1.x"))
     status = pb.TaskStatus(task_id="a.1.x", state=pb.TASK_STATE_RUNNING, pid=7)
     assert encode(status) == json_format.MessageToJson(status, indent=None, sort_keys=True).encode()
+    node = pb.Node(id="n1", name="host-1", capacity=pb.Resources(cpu_millis=2000))
+    assert encode(node) == json_format.MessageToJson(node, indent=None, sort_keys=True).encode()

@@ -96,3 +96,35 @@ def test_ping_returns_revision(etcd: str) -> None:
         await store.close()
 
     run(go())
+
+
+def test_each_committed_batch_is_reported_even_when_a_later_one_fails(etcd: str) -> None:
+    """What etcd accepted is handed to the caller batch by batch, so a conflict in one
+    transaction of a large commit does not hide the others from the cache."""
+
+    async def go() -> None:
+        store = Store(etcd, "/partial/")
+        taken = store.keys.task("s", 2 * MAX_TXN_OPS + 1)  # the first key of the third batch
+        await store.commit([Put(taken, pb.Task(id="already-there"), 0)])
+        ops = [
+            Put(store.keys.task("s", i), pb.Task(id=f"s.{i}", slot=i), 0)
+            for i in range(1, 4 * MAX_TXN_OPS + 1)
+        ]
+        reported: dict[str, int] = {}
+        batches: list[int] = []
+
+        def on_batch(batch: object, revisions: dict[str, int]) -> None:
+            batches.append(len(revisions))
+            reported.update(revisions)
+
+        with pytest.raises(ConflictError):
+            await store.commit(ops, on_batch=on_batch)
+        loaded = await store.load()
+        committed = {key for key in loaded.tasks if key != taken}
+        assert batches == [MAX_TXN_OPS] * 3  # every transaction but the conflicting one
+        assert set(reported) == committed
+        assert taken not in reported
+        assert all(loaded.tasks[key].mod_revision == rev for key, rev in reported.items())
+        await store.close()
+
+    run(go())

@@ -8,7 +8,6 @@ and turns a ``Plan`` back into task updates.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 
 from berth.controller.scheduler import (
     Availability,
@@ -108,7 +107,19 @@ def task_requests(tasks: Sequence[pb.Task]) -> list[TaskRequest]:
             template = templates[(task.service, task.spec_generation)] = task_request(task)
             out.append(template)
         else:
-            out.append(replace(template, task_id=task.id, slot=task.slot))
+            out.append(  # the constructor, not dataclasses.replace: half the cost per task
+                TaskRequest(
+                    task_id=task.id,
+                    service=template.service,
+                    slot=task.slot,
+                    resources=template.resources,
+                    ports=template.ports,
+                    constraints=template.constraints,
+                    max_per_node=template.max_per_node,
+                    spread=template.spread,
+                    strategy=template.strategy,
+                )
+            )
     return out
 
 

@@ -46,7 +46,7 @@ WITHIN_PCT = 3.0
 """An instance counts as *within* when hosts used <= optimum x (1 + 3 %)."""
 
 DEFAULT_LIMIT = 60
-"""Default instances per family (9 families with known optima): ~100 s on 2 cores; `--all` ~5 min."""
+"""Default instances per family (9 families with known optima): ~120-170 s on 2 cores; `--all` longer."""
 DEFAULT_SEEDS = 10
 
 GIB = 1 << 30

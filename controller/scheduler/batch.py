@@ -12,7 +12,8 @@ placed in slot order, the replica fast path still applies, and tasks of equal si
 order. Placing large tasks first leaves the small ones to fill the gaps, instead of small tasks
 fragmenting every node before a large one arrives.
 
-**Free hosts** (:class:`HostFreer`). After the greedy pass, try to empty each host that was
+**Free hosts** (:class:`HostFreer`). After the greedy pass (and the refill step of
+:mod:`.improve`, which repacks the same hosts one at a time), try to empty each host that was
 empty before the call and now holds only tasks of this batch, least loaded first: take its tasks
 out into a pool and put each pool task (largest first) back on another host in use, either
 directly (the fitting host left with least slack), or by swapping it for one or two smaller tasks
@@ -27,8 +28,9 @@ replicas of one service on one node (a move only goes to a node holding none of 
 service, so Berth's per-service spread is never undone and ``max_per_node`` always holds). Tasks
 with host ports, label spread or the ``spread`` strategy are not moved at all (a node holding one
 is never emptied). Work is bounded by step counts (no clock is read): at most
-:data:`ATTEMPT_STEPS` steps per attempt and :data:`STEPS_PER_TASK` x tasks of the batch in all;
-every step is array arithmetic over the nodes or the batch's movable tasks.
+:data:`ATTEMPT_STEPS` steps per attempt and :data:`STEPS_PER_TASK` x tasks of the batch in all,
+and a sweep over the hosts stops after :data:`MAX_FAILURES` attempts in a row that emptied
+nothing; every step is array arithmetic over the nodes or the batch's movable tasks.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ MAX_PAIR_HOST_TASKS = 16
 """Two-for-one swaps are looked for only on hosts holding at most this many movable tasks."""
 ROUNDS = 2
 """Free-hosts passes, each followed by placing the batch's pending tasks again if a host was freed."""
+MAX_FAILURES = 96
+"""A sweep over the hosts (least loaded first) stops after this many attempts in a row that
+emptied nothing: the hosts after them are fuller still, and each failed attempt costs up to
+:data:`ATTEMPT_STEPS` moves of array arithmetic for nothing."""
 
 
 def schedulable(table: NodeTable) -> BoolArray:
@@ -133,12 +139,16 @@ class HostFreer:
         fresh = fresh & ~pinned
         while progress and self.budget > 0:
             progress = False
+            failures = 0
             for row in self._candidates(fresh, pinned):
-                if self.budget <= 0:
+                if self.budget <= 0 or failures >= MAX_FAILURES:
                     break
                 if self._try_empty(row):
                     freed += 1
+                    failures = 0
                     progress = True
+                else:
+                    failures += 1
         return freed
 
     def _candidates(self, fresh: BoolArray, pinned: BoolArray) -> list[int]:

@@ -1,8 +1,9 @@
 """schedule(): place a batch of tasks on nodes, over a working copy of a snapshot.
 
 The batch is placed largest first (:func:`.batch.placement_order`; runs of identical replicas
-stay whole and in slot order), then :class:`.batch.HostFreer` tries to empty hosts the batch
-alone put in use, and a freed host may take the batch's pending tasks. The plan lists placements
+stay whole and in slot order), then :func:`.improve.refill` repacks the hosts the batch alone put
+in use one at a time (kept if it needs fewer), :class:`.batch.HostFreer` tries to empty more of
+them, and a freed host may take the batch's pending tasks. The plan lists placements
 and pending tasks in the input's task order. The flow for each task:
 
     filters.run_filters  -> checks (reason, passing mask) over every node
@@ -27,6 +28,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 from . import batch, filters, replicas, scoring
+from .improve import refill
 from .model import (
     BoolArray,
     IntArray,
@@ -56,9 +58,9 @@ def schedule(
     """Place the batch ``tasks`` on ``nodes``; return the placements and the pending tasks, each
     in the order of ``tasks``.
 
-    With ``improve`` (the default) the batch is placed largest first and the free-hosts pass of
-    :mod:`.batch` runs after; ``improve=False`` places the tasks strictly in the given order, one
-    greedy pass (what a one-task call does anyway). Runs of identical replicas (consecutive tasks
+    With ``improve`` (the default) the batch is placed largest first and the refill step of
+    :mod:`.improve` and the free-hosts pass of :mod:`.batch` run after; ``improve=False`` places
+    the tasks strictly in the given order, one greedy pass. Runs of identical replicas (consecutive tasks
     equal but for id and slot) take the fast path of :mod:`.replicas`, which gives the same plan as
     placing them one by one; ``_fast=False`` (for tests) places every task one by one.
     """
@@ -98,10 +100,11 @@ def _free_hosts(
     outcomes: dict[int, Placement | Pending],
     rows: dict[int, int],
 ) -> None:
-    """The free-hosts pass of :mod:`.batch` over the greedy plan, then the batch's pending tasks
-    again (in placement order) when it freed a host; ``outcomes`` and ``rows`` are updated."""
+    """Refill (:mod:`.improve`, first round only) and the free-hosts pass of :mod:`.batch` over
+    the greedy plan, then the batch's pending tasks again (in placement order) when they freed a
+    host; ``outcomes`` and ``rows`` are updated."""
     fresh = ~occupied
-    for _ in range(batch.ROUNDS):
+    for round_ in range(batch.ROUNDS):
         placed = np.fromiter(rows.values(), dtype=np.int64, count=len(rows))
         now_occupied = occupied.copy()
         now_occupied[placed] = True
@@ -126,9 +129,14 @@ def _free_hosts(
         moved = np.array(positions, dtype=np.int64)
         where = np.array([rows[i] for i in positions], dtype=np.int64)
         matrix = np.repeat(np.array(requests, dtype=np.int64).T, counts, axis=1)
+        refilled = None if round_ else refill(run.table, tasks, moved, where, matrix, fresh & ~pinned)
+        if refilled is not None:  # the hosts refill emptied are no longer in use
+            now_occupied = occupied | pinned
+            now_occupied[refilled] = True
         budget = batch.STEPS_PER_TASK * len(tasks)
-        freer = batch.HostFreer(run.table, now_occupied, tasks, moved, where.copy(), matrix, budget)
-        if freer.run(fresh, pinned) == 0:
+        start_rows = where.copy() if refilled is None else refilled
+        freer = batch.HostFreer(run.table, now_occupied, tasks, moved, start_rows, matrix, budget)
+        if freer.run(fresh, pinned) == 0 and refilled is None:
             return
         for k in np.flatnonzero(freer.rows != where).tolist():
             i, row = positions[k], int(freer.rows[k])

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from berth.controller.scheduler import scoring
 from berth.controller.scheduler.model import NodeInfo, NodeTable, Resources, Strategy, TaskRequest
@@ -72,9 +74,33 @@ FIT_CASES = [
     ("zero-capacity-dimension-ignored", [node("a", memory=0)], task(cpu=2000), [0.5]),
     ("no-capacity-at-all", [node("a", cpu=0, memory=0)], task(), [0.0]),
     (
+        # mean 0.5, free shares (0.75, 0.75, 0): imbalance (1.0607 - 0.8660) / 1.0607 = 0.1835
         "requested-scalar-counts",
         [node("a", scalars={"gpu": 2})],
         task(cpu=1000, memory=GIB, scalars={"gpu": 2}),
+        [-0.05051],
+    ),
+    (
+        # the fuller node by mean (cpu 1.0, memory 0.25 -> 0.625) is left with memory only:
+        # free (0, 0.75), imbalance 1 - 1/sqrt(2) = 0.2929, so the balanced node b ranks first
+        "free-room-out-of-shape-costs",
+        [node("a", used_cpu=3000), node("b", used_cpu=1000, used_memory=GIB)],
+        task(cpu=1000, memory=GIB),
+        [-0.253680, 0.5],
+    ),
+    (
+        # cpu 0.95, memory 1.0: free (0.05, 0), |f| = 0.05 is half the fade norm, so the
+        # imbalance 0.2929 counts half: 0.975 - 3 x 0.1464
+        "nearly-full-node-fades",
+        [node("a", used_cpu=2800, used_memory=3 * GIB)],
+        task(cpu=1000, memory=GIB),
+        [0.535660],
+    ),
+    (
+        # free (0.5, 0.5) after the placement: the shape of the capacity, no imbalance
+        "free-room-in-shape-is-free",
+        [node("a", used_cpu=1000, used_memory=GIB)],
+        task(cpu=1000, memory=GIB),
         [0.5],
     ),
     ("unrequested-scalar-ignored", [node("a", scalars={"gpu": 4})], task(cpu=2000, memory=2 * GIB), [0.5]),
@@ -104,6 +130,38 @@ FIT_CASES = [
 )
 def test_fit_scores(nodes: list[NodeInfo], t: TaskRequest, expected: list[float]) -> None:
     assert fit(nodes, t) == expected
+
+
+IMBALANCE_CASES = [
+    ("free-in-the-capacity-shape", [0.5, 0.5], [True, True], 0.0),
+    ("full", [1.0, 1.0], [True, True], 0.0),
+    ("one-dimension-exhausted", [1.0, 0.0], [True, True], 0.292893),
+    ("fades-below-the-norm", [0.95, 1.0], [True, True], 0.146447),
+    ("over-full-counts-as-no-room", [1.2, 0.0], [True, True], 0.292893),
+    ("dimension-without-capacity-ignored", [0.7, 0.0], [True, False], 0.0),
+    ("three-dimensions", [0.25, 0.25, 1.0], [True, True, True], 0.183503),
+]
+
+
+@pytest.mark.parametrize(
+    ("shares", "present", "expected"), [c[1:] for c in IMBALANCE_CASES], ids=[c[0] for c in IMBALANCE_CASES]
+)
+def test_imbalance(shares: list[float], present: list[bool], expected: float) -> None:
+    value = scoring.imbalance(np.array(shares)[:, None], np.array(present)[:, None])
+    assert round(float(value[0]), 6) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(min_value=-0.5, max_value=1.5), min_size=1, max_size=6),
+    st.floats(min_value=0.0, max_value=1.0),
+)
+def test_imbalance_is_bounded_and_zero_in_the_capacity_shape(shares: list[float], level: float) -> None:
+    d = len(shares)
+    present = np.ones((d, 1), dtype=np.bool_)
+    value = float(scoring.imbalance(np.array(shares)[:, None], present)[0])
+    assert 0.0 <= value <= 1.0 - 1.0 / np.sqrt(d) + 1e-12
+    assert float(scoring.imbalance(np.full((d, 1), level), present)[0]) < 1e-12
 
 
 SPREAD_CASES = [

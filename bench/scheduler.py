@@ -112,7 +112,9 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.logs: list[IO[bytes]] = []
 
-    def spawn(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, argv: list[str], *, stdout_pipe: bool = False, nice: int = 0
+    ) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115
         self.logs.append(log)
         proc = subprocess.Popen(
@@ -121,6 +123,7 @@ class Processes:
             stderr=log,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # Ctrl-C reaches the bench only; it stops them in order
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         self.started.append((name, proc))
         return proc
@@ -370,7 +373,7 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
         argv = [sys.executable, "-m", "berth.agent.hollow", "--controller", address]
         argv += ["--count", str(count), "--start-index", str(i * per + 1), "--cpus", args.cpus]
         argv += ["--memory", args.memory, "--connect-rate", str(rate)]
-        fleets.append(procs.spawn(f"hollow-{i}", argv, stdout_pipe=True))
+        fleets.append(procs.spawn(f"hollow-{i}", argv, stdout_pipe=True, nice=args.hollow_nice))
     say(f"{n_procs} hollow-agent processes, {args.nodes} agents, {rate:.0f} connects/s each")
 
     channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)])
@@ -651,6 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="give up waiting for placement/acks")
     parser.add_argument("--ceiling-keys", type=int, default=100_000, help="0 skips the etcd ceiling")
     parser.add_argument("--profile", choices=("none", "py-spy", "cprofile"), default="none")
+    parser.add_argument(
+        "--hollow-nice",
+        type=int,
+        default=0,
+        help="run the hollow-agent processes at this nice value (they stand in for other machines)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, profile)")
     args = parser.parse_args(argv)
     args.services = args.services or max(1, math.ceil(args.tasks / 1000))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 from berth.agent.session import STATUS_BATCH_DELAY, Identity, Session
@@ -77,3 +78,55 @@ def test_nothing_is_queued_while_disconnected() -> None:
         return await _sent(session, outbox)
 
     assert asyncio.run(run()) == []
+
+
+class _Manager:
+    """Records when the watchdog stopped the at-most-one containers."""
+
+    def __init__(self) -> None:
+        self.stopped_at: list[float] = []
+
+    async def stop_on_disconnect(self) -> int:
+        self.stopped_at.append(time.monotonic())
+        return 0
+
+
+def _watched(deadline: float) -> tuple[Session, _Manager]:
+    manager = _Manager()
+    identity = Identity(node_id="n1", name="host-1", address="10.0.0.1", capacity=pb.Resources())
+    session = Session("127.0.0.1:1", identity, cast(TaskManager, manager))
+    session.node_deadline = deadline
+    session.acked_at = time.monotonic()
+    return session, manager
+
+
+def test_the_watchdog_acts_just_after_the_deadline_and_not_while_acks_come() -> None:
+    async def run() -> tuple[float, list[float]]:
+        session, manager = _watched(0.3)
+        watchdog = asyncio.create_task(session._watchdog())
+        for _ in range(6):  # acks keep coming for 0.6 s: twice the deadline
+            await asyncio.sleep(0.1)
+            session.acked_at = time.monotonic()
+        last_ack = session.acked_at
+        await asyncio.sleep(0.5)
+        watchdog.cancel()
+        return last_ack, manager.stopped_at
+
+    last_ack, stopped_at = asyncio.run(run())
+    assert len(stopped_at) == 1
+    assert 0.3 <= stopped_at[0] - last_ack < 0.3 + 0.05
+
+
+def test_a_shorter_deadline_wakes_the_watchdog() -> None:
+    async def run() -> tuple[float, list[float]]:
+        session, manager = _watched(30.0)
+        watchdog = asyncio.create_task(session._watchdog())
+        await asyncio.sleep(0.05)  # asleep until 30 s after the ack
+        session._set_deadline(0.2)
+        await asyncio.sleep(0.4)
+        watchdog.cancel()
+        return session.acked_at, manager.stopped_at
+
+    acked_at, stopped_at = asyncio.run(run())
+    assert len(stopped_at) == 1
+    assert 0.2 <= stopped_at[0] - acked_at < 0.2 + 0.05

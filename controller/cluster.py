@@ -16,6 +16,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from berth.controller import placement
 from berth.controller.agents import AgentHub, Session
@@ -129,7 +130,8 @@ class Cluster:
     async def _commit(self, ops: Sequence[Op]) -> None:
         """Commit ops; as each transaction commits, fold it into the cache and tell the agents
         concerned (they start work while etcd takes the rest of a large pass). Caller holds the
-        writer lock. A failure stops the call, but what already committed is in the cache."""
+        writer lock. A failed transaction raises; the others of the call may have committed, and
+        those are in the cache and on their way to the agents."""
         if not ops:
             return
         try:
@@ -140,12 +142,16 @@ class Cluster:
             raise UnavailableError("state changed concurrently; retry") from None
         except StoreError as exc:
             raise UnavailableError(str(exc)) from exc
+        except Exception as exc:  # folding a committed transaction failed: the cache may be off
+            log.exception("applying a commit failed; reloading state from etcd")
+            await self._reload()
+            raise UnavailableError("internal error applying a commit; state reloaded from etcd") from exc
 
     def _fold(self, batch: Sequence[Op], revisions: dict[str, int]) -> None:
         """Fold one committed transaction into the cache and send each agent concerned what it
-        must now run or stop: the difference in what the cache says the node holds, so a task
-        moving from its slot to ``retiring/`` on the same node (drain) is neither, whichever
-        transaction each of the two writes landed in."""
+        must now run or stop: the difference in what the cache says the node holds before and after
+        the transaction. A drained task moves from its slot to ``retiring/`` on the same node in
+        one transaction (the two writes are chained with ``with_next``), so it is neither."""
         touched: set[tuple[str, str]] = set()  # (node id, task id)
         tasks, retiring = self.keys.tasks, self.keys.retiring
         for op in batch:
@@ -183,6 +189,12 @@ class Cluster:
             log.error("reload failed: %s", exc)
             return
         self.state = ClusterState.from_loaded(self.keys, loaded)
+        # the cache may have missed writes (ours whose outcome we did not learn, or a concurrent
+        # writer's): every connected agent gets the full list of what it must run, as on reconnect
+        for node_id in self.state.nodes:
+            tasks = sorted(self.state.tasks_on(node_id), key=lambda t: (t.service, t.slot))
+            message = agent_pb2.ControllerMessage(assignments=agent_pb2.Assignments(full=True, tasks=tasks))
+            self.hub.send(node_id, message)
 
     def _delete_task_ops(self, key: str, task: pb.Task) -> list[Op]:
         ops: list[Op] = [self.state.delete(key)]
@@ -730,11 +742,16 @@ class Cluster:
                 ops.append(self.state.put(key, placement.placed(task, p, now, in_place=key in fresh)))
             else:
                 r, new = replacements[p.task_id]
-                ops.append(self.state.put(r.key, placement.placed(new, p, now)))
+                slot = self.state.put(r.key, placement.placed(new, p, now))
                 if r.retire:
+                    # one transaction: the old task moves from its slot to retiring/ without ever
+                    # being unassigned, so its agent keeps running it until the new one runs
+                    ops.append(replace(slot, with_next=True))
                     ops.append(self.state.put(self.keys.retiring_task(r.old.id), r.old))
-                elif r.old.id in self.state.statuses:
-                    ops.append(self.state.delete(self.keys.status(r.old.id)))
+                else:
+                    ops.append(slot)
+                    if r.old.id in self.state.statuses:
+                        ops.append(self.state.delete(self.keys.status(r.old.id)))
                 moved.append((r, new))
         for w in plan.pending:
             if w.task_id in pending:

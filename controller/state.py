@@ -45,8 +45,8 @@ class ClusterState:
 
     def _held_elsewhere(self, task: pb.Task, table: dict[str, Any]) -> bool:
         """Whether the other table (slots or retiring) still places this task on its node: a
-        drained task is under both keys for a moment, and the two writes may be folded in
-        either order (they can land in different transactions)."""
+        drained task is under both keys for a moment. The controller commits the two writes in
+        one transaction, slot first; this keeps the index right in the other order too."""
         if table is self.tasks:
             other = self.retiring.get(task.id)
         else:

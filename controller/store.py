@@ -111,12 +111,14 @@ class Put:
     key: str
     value: Message
     expect_revision: int | None = None  # None: unguarded; 0: must not exist; n: must be at n
+    with_next: bool = False  # commit in the same transaction as the op after it
 
 
 @dataclass(frozen=True, slots=True)
 class Delete:
     key: str
     expect_revision: int | None = None
+    with_next: bool = False  # commit in the same transaction as the op after it
 
 
 Op = Put | Delete
@@ -145,9 +147,33 @@ def _describe(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _groups(ops: Sequence[Op]) -> Iterator[Sequence[Op]]:
+    """Runs of ops chained by ``with_next`` (most are alone)."""
+    start = 0
+    for i, op in enumerate(ops):
+        if not op.with_next:
+            yield ops[start : i + 1]
+            start = i + 1
+    if start < len(ops):
+        yield ops[start:]
+
+
 def _chunks(ops: Sequence[Op], size: int) -> Iterator[Sequence[Op]]:
-    for start in range(0, len(ops), size):
-        yield ops[start : start + size]
+    """Transactions of at most ``size`` ops that never split a ``with_next`` group."""
+    if not any(op.with_next for op in ops):
+        for start in range(0, len(ops), size):
+            yield ops[start : start + size]
+        return
+    chunk: list[Op] = []
+    for group in _groups(ops):
+        if len(group) > size:
+            raise ValueError(f"{len(group)} ops must commit together; a transaction takes {size}")
+        if len(chunk) + len(group) > size:
+            yield chunk
+            chunk = []
+        chunk.extend(group)
+    if chunk:
+        yield chunk
 
 
 class Store:
@@ -209,7 +235,8 @@ class Store:
 
         Returns the new mod_revision of every written key (deleted keys map to 0). A batch
         whose guard fails raises ConflictError; other batches stay committed, so callers
-        batch only independent writes together (each guard covers its own key).
+        batch only independent writes together (each guard covers its own key), and chain with
+        ``with_next`` the ops that must commit, or fail, together.
         ``on_batch(batch, revisions)`` is called as each transaction commits, before the next
         ones finish: the caller can act on what is durable (fold it into its cache, tell agents)
         while etcd takes the rest, and a failure later on loses none of what already committed.

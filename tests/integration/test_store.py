@@ -128,3 +128,35 @@ def test_each_committed_batch_is_reported_even_when_a_later_one_fails(etcd: str)
         await store.close()
 
     run(go())
+
+
+def test_a_failure_applying_a_commit_reloads_and_resyncs_agents(etcd: str) -> None:
+    """If folding a committed transaction into the cache fails, the controller starts again from
+    etcd and sends every agent the full list of what it must run."""
+    from berth.controller.cluster import Cluster
+    from berth.controller.errors import UnavailableError
+    from berth.proto.berth.v1 import agent_pb2
+
+    async def go() -> None:
+        store = Store(etcd, "/fold/")
+        node = pb.Node(id="A", name="host-a", state=pb.NODE_STATE_READY)
+        await store.commit([Put(store.keys.node("A"), node, 0)])
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()  # the loops are not needed: the test drives _commit itself
+        sent: list[tuple[str, agent_pb2.Assignments]] = []
+        cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
+
+        def broken_fold(batch: object, revisions: object) -> None:
+            raise RuntimeError("bug while folding")
+
+        cluster._fold = broken_fold  # type: ignore[method-assign]
+        task = pb.Task(id="web.1.x", service="web", slot=1, node_id="A")
+        key = store.keys.task("web", 1)
+        with pytest.raises(UnavailableError, match="reloaded"):
+            await cluster._commit([Put(key, task, 0)])
+        assert cluster.state.tasks[key].value == task  # committed in etcd, so in the cache again
+        assert [(n, a.full, [t.id for t in a.tasks]) for n, a in sent] == [("A", True, ["web.1.x"])]
+        await store.close()
+
+    run(go())

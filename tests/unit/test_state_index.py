@@ -1,6 +1,6 @@
-"""The cache's per-node index stays right whichever order a drain's two writes are folded in
-(the slot's replacement and the old task under ``retiring/`` can land in different
-transactions, and concurrent transactions commit in any order)."""
+"""The cache's per-node index keeps a drained task on its node while either of its keys places it
+there, whichever order the drain's two writes are folded in (the controller commits them in one
+transaction, slot first; the index does not depend on that)."""
 
 from __future__ import annotations
 

@@ -465,22 +465,29 @@ class Cluster:
         round trip would cap throughput near etcd's ~2,000 single writes/s). Events go out now."""
         if not self.hub.is_current(session):
             return
+        inbox, events = self._status_inbox, self.events
         for status in statuses:
-            previous = self._status_inbox.get(status.task_id) or self.state.status_of(status.task_id)
+            task_id = status.task_id
+            previous = inbox.get(task_id) or self.state.status_of(task_id)
             if previous == status:
                 continue
-            if (previous is None or previous.state != status.state) and status.state in _STATE_EVENTS:
+            kind = _STATE_EVENTS.get(status.state)
+            if (
+                kind is not None
+                and (previous is None or previous.state != status.state)
+                and events.wants(kind)
+            ):
                 task = self.state.task_by_id(status.task_id)
                 node = self.state.nodes.get(session.node_id)
-                self.events.publish(
-                    _STATE_EVENTS[status.state],
+                events.publish(
+                    kind,
                     status.error or status.message,
                     node_id=session.node_id,
                     node=node.value.name if node else "",
-                    service=task.service if task else status.task_id.split(".")[0],
-                    task=status.task_id,
+                    service=task.service if task else task_id.split(".")[0],
+                    task=task_id,
                 )
-            self._status_inbox[status.task_id] = status
+            inbox[task_id] = status
         self._status_wake.set()
 
     async def _flush_statuses(self) -> None:

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -354,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     _raise_fd_limit()
+    # a thousand agents' state in one process is a heap no real agent has: collect cycles as
+    # rarely as the controller does (controller/__main__.py, tune_gc), or the collector's walks
+    # of it take CPU the bench means to measure elsewhere
+    gc.set_threshold(50_000, 20, 100)
     asyncio.run(_main(args))
 
 

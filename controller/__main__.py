@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -98,6 +99,22 @@ async def serve(
     await store.close()
 
 
+GC_THRESHOLD = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Collect cycles less often than CPython's default (700 allocations).
+
+    The controller keeps every task, status and node of the cluster in memory (a few million
+    objects at 100,000 tasks) and a placement pass allocates hundreds of thousands more that
+    live on as the new state. At the default thresholds the cyclic collector walks that whole
+    heap again and again during a pass: measured with ``bench.scheduler`` at 5,000 nodes and
+    100,000 tasks, the pass took 30 % longer. Almost nothing here forms cycles (reference
+    counting frees it), so fewer collections cost only a little memory.
+    """
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 @app.command()
 def main(
     etcd: str = typer.Option("http://127.0.0.1:2379", help="etcd client URL."),
@@ -120,6 +137,7 @@ def main(
 ) -> None:
     """Run the Berth controller: keeps declared services placed and running across agents."""
     setup_logging(log_level)
+    tune_gc()
     try:
         asyncio.run(serve(etcd, listen, prefix, max_heartbeats_per_second, parse_listen(metrics_listen)))
     except ValueError as exc:

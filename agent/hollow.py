@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     # a thousand agents' state in one process is a heap no real agent has: collect cycles as
     # rarely as the controller does (controller/__main__.py, tune_gc), or the collector's walks
     # of it take CPU the bench means to measure elsewhere
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(100_000, 50, 100)
     asyncio.run(_main(args))
 
 

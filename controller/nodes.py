@@ -80,4 +80,16 @@ class Liveness:
         return self.clock() - last
 
     def expired(self, node_ids: Iterable[str]) -> list[str]:
-        return [n for n in node_ids if self.silent_for(n) > self.deadline]
+        """The nodes silent for longer than the deadline (an unknown one gets a fresh start).
+        One clock read for all: this runs four times a second over every node."""
+        now = self.clock()
+        cutoff = now - self.deadline
+        last = self._last
+        out = []
+        for node_id in node_ids:
+            seen = last.get(node_id)
+            if seen is None:
+                last[node_id] = now
+            elif seen < cutoff:
+                out.append(node_id)
+        return out

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -85,6 +86,13 @@ class _Container:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@functools.lru_cache(maxsize=256)
+def _hollow_image(reference: str) -> ImageInfo:
+    """A made-up image for ``reference`` (the same every time: a digest derived from the name)."""
+    digest = "sha256:" + hashlib.sha256(reference.encode()).hexdigest()
+    return ImageInfo(reference=reference, digest=digest, rootfs="/nonexistent/hollow-rootfs")
+
+
 class HollowRuntime:
     """A ``ContainerRuntime`` that runs nothing and records every call (benchmarks only).
 
@@ -116,8 +124,7 @@ class HollowRuntime:
 
     async def pull(self, reference: str) -> ImageInfo:
         self._record("pull", reference)
-        digest = "sha256:" + hashlib.sha256(reference.encode()).hexdigest()
-        return ImageInfo(reference=reference, digest=digest, rootfs="/nonexistent/hollow-rootfs")
+        return _hollow_image(reference)
 
     async def create(self, spec: ContainerSpec, image: ImageInfo) -> None:
         self._record("create", spec.task_id)

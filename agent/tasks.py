@@ -118,9 +118,9 @@ class TaskRunner:
             setattr(status, name, value)
         status.updated_at = time.time()
         self.status = status
-        log.info(
-            "task state task=%s state=%s message=%s", self.task.id, pb.TaskState.Name(state), message or error
-        )
+        if log.isEnabledFor(logging.INFO):  # the state's name is looked up only when it is logged
+            name = pb.TaskState.Name(state)
+            log.info("task state task=%s state=%s message=%s", self.task.id, name, message or error)
         self.report_fn(status)
 
     # -- lifecycle -----------------------------------------------------------------------

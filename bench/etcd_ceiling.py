@@ -4,7 +4,7 @@
 
 Writes ``--keys`` keys of ``--value-size`` bytes under ``--prefix`` (default ``/ceiling/``) in
 transactions of ``--batch`` (128, etcd's default ``--max-txn-ops`` and the controller's
-``MAX_TXN_OPS``) puts, ``--in-flight`` (4, the store's ``TXNS_IN_FLIGHT``) transactions open at a
+``MAX_TXN_OPS``) puts, ``--in-flight`` (8, the store's ``TXNS_IN_FLIGHT``) transactions open at a
 time — how the controller's store commits a large batch — through aetcd's KV stub, then deletes the
 prefix. Prints keys/s. ``bench.scheduler`` calls
 :func:`measure` against its own etcd after the placement run, with the mean size of a placed task
@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 import aetcd
 from aetcd import rpc
 
-MAX_TXN_OPS = 128
-IN_FLIGHT = 4
+from berth.controller.store import MAX_TXN_OPS, TXNS_IN_FLIGHT
+
+IN_FLIGHT = TXNS_IN_FLIGHT  # measured the way the store commits
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@
    committed with a node) and the ack latency (until all are RUNNING); controller peak RSS
    (``VmHWM``) and CPU seconds; the number of status writes.
 4. Stops agents and controller and measures the etcd write ceiling on the same etcd
-   (``bench.etcd_ceiling``: 128 puts per txn, 4 txns in flight as the store commits, the mean
+   (``bench.etcd_ceiling``: 128 puts per txn, 8 txns in flight as the store commits, the mean
    size of a placed task record), and reports placements/s as a fraction of it.
 
 Prints progress on stderr, a table on stdout and, as the last stdout line, one JSON object of
@@ -51,6 +51,7 @@ from typing import IO, Any
 import grpc
 from aetcd import rpc
 
+from bench.etcd_ceiling import IN_FLIGHT as CEILING_IN_FLIGHT
 from bench.etcd_ceiling import measure as measure_ceiling
 from berth.proto.berth.v1 import cluster_pb2, cluster_pb2_grpc
 from berth.proto.berth.v1 import types_pb2 as pb
@@ -525,7 +526,8 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
 
     if args.ceiling_keys > 0 and not interrupted.is_set():
         size = result.task_record_bytes or 600
-        say(f"etcd ceiling: {args.ceiling_keys} keys of {size} B, 128 puts/txn, 4 txns in flight")
+        shape = f"128 puts/txn, {CEILING_IN_FLIGHT} txns in flight"
+        say(f"etcd ceiling: {args.ceiling_keys} keys of {size} B, {shape}")
         ceiling = await measure_ceiling(etcd, keys=args.ceiling_keys, value_size=size)
         result.etcd_ceiling_keys_per_s = ceiling.keys_per_s
         if result.placements_per_s:

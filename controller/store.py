@@ -38,7 +38,7 @@ from berth.proto.berth.v1 import types_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
-TXNS_IN_FLIGHT = 4  # a large commit keeps this many transactions open at once
+TXNS_IN_FLIGHT = 8  # a large commit keeps this many transactions open at once
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 

@@ -515,16 +515,10 @@ class Cluster:
         running = False
         async with self._lock:
             ops: list[Op] = []
-            stored_statuses, known = self.state.statuses, self.state.task_key_by_id
-            prefix = self.keys.statuses
             for task_id, status in inbox.items():
-                if task_id not in known and task_id not in self.state.retiring:
-                    continue  # no longer a task of ours
-                stored = stored_statuses.get(task_id)
-                if stored is not None and stored.value == status:
+                if self.state.task_by_id(task_id) is None or self.state.status_of(task_id) == status:
                     continue
-                # guarded by the revision this cache holds, as ClusterState.put does
-                ops.append(Put(prefix + task_id, status, stored.mod_revision if stored is not None else 0))
+                ops.append(self.state.put(self.keys.status(task_id), status))
                 running = running or status.state == pb.TASK_STATE_RUNNING
             await self._commit(ops)
         if running:

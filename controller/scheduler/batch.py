@@ -40,7 +40,7 @@ from itertools import combinations
 
 import numpy as np
 
-from .model import BoolArray, Constraint, FloatArray, IntArray, NodeTable, Strategy, TaskRequest
+from .model import BoolArray, FloatArray, IntArray, NodeTable, Strategy, TaskRequest
 
 ATTEMPT_STEPS = 24
 """Moves (direct or swap) one attempt to empty a host may make before it gives up."""
@@ -120,7 +120,6 @@ class HostFreer:
         """Per node, the summed request of the movable tasks on it."""
         for column in range(len(table.dims)):
             self._movable_load[column] = np.bincount(rows, weights=requests[column], minlength=table.size)
-        self._static: dict[tuple[Constraint, ...], BoolArray] = {}
         self._journal: list[tuple[int, int, int]] = []
         self._room: IntArray | None = None
         """Free room summed over the schedulable nodes in use (see :meth:`_could_fit_elsewhere`)."""
@@ -216,13 +215,8 @@ class HostFreer:
     def _targets(self, u: int, host: int) -> BoolArray:
         """Nodes in use (not ``host``) that ``u`` may go to, resources aside."""
         task = self._task(u)
-        static = self._static.get(task.constraints)
-        if static is None:
-            static = self._schedulable.copy()
-            for constraint in task.constraints:
-                static &= self.table.constraint_mask(constraint)
-            self._static[task.constraints] = static
-        mask: BoolArray = static & self._occupied & (self.table.service_counts(task.service) == 0)
+        allowed = self._schedulable & self.table.constraints_mask(task.constraints)
+        mask: BoolArray = allowed & self._occupied & (self.table.service_counts(task.service) == 0)
         mask[host] = False
         return mask
 

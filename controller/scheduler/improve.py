@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .batch import size_weights
-from .model import BoolArray, Constraint, FloatArray, HashArray, IntArray, NodeTable, TaskRequest, mix64
+from .model import BoolArray, FloatArray, HashArray, IntArray, NodeTable, TaskRequest, mix64
 
 MAX_TASKS = 2000
 """Refill runs only when at most this many movable tasks of the batch sit on hosts it opened."""
@@ -176,18 +176,10 @@ class Refill:
     def _allowed_hosts(self) -> BoolArray:
         """``[task, host]``: the host satisfies the task's constraints (the hosts, in ``self._hosts``
         order, are all ready and active: the greedy pass put tasks on them)."""
-        masks: dict[tuple[Constraint, ...], BoolArray] = {}
         allowed = np.ones((self._rows.size, self._hosts.size), dtype=np.bool_)
         for i, task in enumerate(self._tasks):
-            if not task.constraints:
-                continue
-            mask = masks.get(task.constraints)
-            if mask is None:
-                mask = np.ones(self._hosts.size, dtype=np.bool_)
-                for constraint in task.constraints:
-                    mask &= self.table.constraint_mask(constraint)[self._hosts]
-                masks[task.constraints] = mask
-            allowed[i] = mask
+            if task.constraints:
+                allowed[i] = self.table.constraints_mask(task.constraints)[self._hosts]
         return allowed
 
     # --- filling one host -------------------------------------------------------------------------

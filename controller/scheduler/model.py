@@ -265,6 +265,7 @@ class NodeTable:
         self._labels = [node.labels for node in nodes]
         self._label_values: dict[str, npt.NDArray[np.object_]] = {}
         self._constraint_masks: dict[Constraint, BoolArray] = {}
+        self._all_constraints_masks: dict[tuple[Constraint, ...], BoolArray] = {}
         self._service_index = _index_service_counts(nodes)
         self._service_counts: dict[str, IntArray] = {}
         self._domains: dict[str, IntArray] = {}
@@ -301,6 +302,16 @@ class NodeTable:
         if mask is None:
             mask = self._evaluate_constraint(constraint)
             self._constraint_masks[constraint] = mask
+        return mask
+
+    def constraints_mask(self, constraints: tuple[Constraint, ...]) -> BoolArray:
+        """Nodes that satisfy every one of ``constraints`` (once per distinct tuple; read-only)."""
+        mask = self._all_constraints_masks.get(constraints)
+        if mask is None:
+            mask = np.ones(self.size, dtype=np.bool_)
+            for constraint in constraints:
+                mask &= self.constraint_mask(constraint)
+            self._all_constraints_masks[constraints] = mask
         return mask
 
     def service_counts(self, service: str) -> IntArray:

@@ -204,3 +204,68 @@ def test_heartbeat_timing_stretches_with_the_node_count(
             await channel.close()
 
     asyncio.run(go())
+
+
+def test_a_large_drain_pass_never_restarts_a_drained_task(
+    controller: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """Draining several nodes and scaling up at once makes one pass of several hundred writes.
+    A drained task moves from its slot to ``retiring/`` in one transaction, so its agent keeps
+    running it (never told to stop and start it again) until its replacement runs elsewhere."""
+    address, proc = controller
+
+    async def go() -> None:
+        fleet = HollowFleet(address, AGENTS, cpu_millis=4000, memory_bytes=8 << 30, record_calls=True)
+        by_name = {a.name: a for a in fleet.agents}
+        channel = grpc.aio.insecure_channel(address)
+        api = cluster_pb2_grpc.ClusterAPIStub(channel)
+        replicas = 300
+        try:
+            await fleet.start(connect_rate=200)
+            await fleet.wait_connected(TIMEOUT)
+            spec = pb.ServiceSpec(
+                name="wide",
+                image="hollow/pause:1",
+                replicas=replicas,
+                resources=pb.Resources(cpu_millis=100, memory_bytes=32 << 20),
+            )
+            await api.CreateService(cluster_pb2.CreateServiceRequest(spec=spec), timeout=10)
+
+            async def running(count: int, avoid: frozenset[str] = frozenset()) -> bool:
+                views = (await api.ListTasks(cluster_pb2.ListTasksRequest(service="wide"), timeout=5)).tasks
+                return len(views) == count and all(
+                    v.status.state == pb.TASK_STATE_RUNNING and v.node_name not in avoid for v in views
+                )
+
+            await until("300 tasks running", lambda: running(replicas), proc)
+            nodes = (await api.ListNodes(cluster_pb2.ListNodesRequest(), timeout=5)).nodes
+            busy = sorted((n for n in nodes if n.tasks), key=lambda n: -n.tasks)
+            drained = frozenset(n.node.name for n in busy[: max(1, len(busy) // 2)])
+            held = {name: set(by_name[name].runtime.running) for name in drained}
+            assert sum(len(h) for h in held.values()) > 64  # well over one transaction of pairs
+
+            drain = pb.NODE_AVAILABILITY_DRAIN
+            await asyncio.gather(
+                *(
+                    api.SetNodeAvailability(
+                        cluster_pb2.SetNodeAvailabilityRequest(node=n, availability=drain)
+                    )
+                    for n in drained
+                ),
+                api.ScaleService(cluster_pb2.ScaleServiceRequest(name="wide", replicas=replicas + 1)),
+            )
+            await until("301 running off the drained nodes", lambda: running(replicas + 1, drained), proc)
+
+            async def retired() -> bool:
+                return all(not by_name[n].runtime.running for n in drained)
+
+            await until("the drained nodes' tasks retired", retired, proc)
+            for name in drained:
+                started = by_name[name].runtime.started
+                assert len(started) == len(set(started)), f"{name} started a task twice"
+                assert set(by_name[name].runtime.removed) == held[name]  # each removed once, at retirement
+        finally:
+            await fleet.stop()
+            await channel.close()
+
+    asyncio.run(go())

@@ -85,6 +85,11 @@ AGENT_METRICS: Final[frozenset[str]] = frozenset(
 )
 """Families each agent exports."""
 
+CONTAINER_METRICS: Final[frozenset[str]] = frozenset(
+    name for name in AGENT_METRICS if name.startswith("container_")
+)
+"""The per-container series (cAdvisor's names), read from the container's cgroup."""
+
 TARGET_LABELS: Final[tuple[str, ...]] = ("instance", "job")
 """Labels Prometheus attaches to every scraped series."""
 

@@ -39,6 +39,7 @@ from berth.agent.metrics import (
 from berth.agent.runtime import ContainerSpec, ExitStatus, ImageInfo, RunningContainer
 from berth.agent.tasks import Backoff, TaskManager
 from berth.proto.berth.v1 import types_pb2 as pb
+from tests.unit.metric_catalog import AGENT_METRICS, CONTAINER_METRICS, METRICS
 
 PARENT = "berth-test/containers"
 UNLIMITED_V1 = "9223372036854771712"
@@ -288,17 +289,6 @@ def test_cgroups_stats_enodev_after_open(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 # -- the collector ---------------------------------------------------------------------------------
-
-CONTAINER_METRICS = {
-    "container_cpu_usage_seconds_total",
-    "container_cpu_cfs_throttled_seconds_total",
-    "container_memory_usage_bytes",
-    "container_memory_working_set_bytes",
-    "container_spec_memory_limit_bytes",
-    "container_spec_cpu_quota",
-    "container_spec_cpu_period",
-    "container_start_time_seconds",
-}
 
 
 def build(
@@ -561,7 +551,6 @@ def test_pull_histogram_buckets() -> None:
 
 def test_agent_families_match_the_metric_catalog(tmp_path: Path) -> None:
     """What an agent exposes is exactly the agent part of the catalog deploy/ is checked against."""
-    catalog = pytest.importorskip("tests.unit.metric_catalog")
     cg = make_v2(tmp_path)
     write_v2(cg, "web.1", v2_files())
     m, _ = build(cg, [TaskView(task_id="web.1", service="web", running=True, started_at=1.0, restarts=3)])
@@ -571,4 +560,4 @@ def test_agent_families_match_the_metric_catalog(tmp_path: Path) -> None:
         name = family.name + ("_total" if family.type == "counter" else "")
         labels = {k for s in family.samples for k in s.labels if k != "le"}
         exposed[name] = (family.type, tuple(sorted(labels)))
-    assert exposed == {name: catalog.METRICS[name] for name in catalog.AGENT_METRICS}
+    assert exposed == {name: METRICS[name] for name in AGENT_METRICS}

@@ -18,21 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from berth.agent.cgroups import Cgroups
 from berth.agent.metrics import AgentMetrics, TaskView
+from tests.unit.metric_catalog import CONTAINER_METRICS
 
 pytestmark = pytest.mark.integration
 
 Host = Any
 MiB = 1024 * 1024
-CONTAINER_METRICS = {
-    "container_cpu_usage_seconds_total",
-    "container_cpu_cfs_throttled_seconds_total",
-    "container_memory_usage_bytes",
-    "container_memory_working_set_bytes",
-    "container_spec_memory_limit_bytes",
-    "container_spec_cpu_quota",
-    "container_spec_cpu_period",
-    "container_start_time_seconds",
-}
 
 
 def scrape(port: int) -> dict[str, dict[str, tuple[dict[str, str], float]]]:

@@ -20,8 +20,9 @@
 
 Prints progress on stderr, a table on stdout and, as the last stdout line, one JSON object of
 figures. Everything it started (processes, the temp dir with etcd's data) is removed at the end,
-on an error and on Ctrl-C / SIGTERM. ``--profile py-spy`` samples the controller with py-spy and
-prints where its time goes; ``--profile cprofile`` runs it under cProfile. See bench/README.md.
+on an error and on Ctrl-C / SIGTERM. ``--profile py-spy`` samples the controller with py-spy (250 Hz,
+only while a thread holds the GIL: the run is CPU-bound, so what counts is where the interpreter's
+time goes) and prints it; ``--profile cprofile`` runs it under cProfile. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -398,8 +399,9 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
                 "--format",
                 "raw",
                 "--rate",
-                "50",
+                "250",
                 "--nonblocking",
+                "--gil",
                 "-o",
                 str(procs.work / "controller.folded"),
             ],

@@ -80,16 +80,29 @@ class Liveness:
         return self.clock() - last
 
     def expired(self, node_ids: Iterable[str]) -> list[str]:
-        """The nodes silent for longer than the deadline (an unknown one gets a fresh start).
-        One clock read for all: this runs four times a second over every node."""
+        """The nodes silent for longer than the deadline (an unknown one gets a fresh start)."""
+        return self.scan(node_ids)[0]
+
+    def scan(self, node_ids: Iterable[str]) -> tuple[list[str], float]:
+        """The nodes silent for longer than the deadline, and the moment the least recently heard
+        of the others was last heard: none of them can pass the deadline before that moment plus
+        the deadline, so a caller need not scan again until then (last-heard times only move
+        forward). One clock read for all nodes."""
         now = self.clock()
         cutoff = now - self.deadline
         last = self._last
         out = []
+        oldest = now
         for node_id in node_ids:
             seen = last.get(node_id)
             if seen is None:
                 last[node_id] = now
             elif seen < cutoff:
                 out.append(node_id)
-        return out
+            elif seen < oldest:
+                oldest = seen
+        return out, oldest
+
+    def none_silent_since(self, moment: float) -> bool:
+        """Whether a node last heard at ``moment`` (or later) is still within its deadline."""
+        return self.clock() - self.deadline <= moment

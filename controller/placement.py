@@ -134,7 +134,8 @@ def placed(task: pb.Task, placement: Placement, now: float, *, in_place: bool = 
     out.node_id = placement.node_id
     out.pending_reason = ""
     out.assigned_at = now
-    del out.ports[:]
+    if out.ports:
+        del out.ports[:]
     for container_port, host_port, protocol in placement.ports:
         out.ports.add(container_port=container_port, host_port=host_port, protocol=protocol)
     return out

@@ -160,3 +160,93 @@ def test_a_failure_applying_a_commit_reloads_and_resyncs_agents(etcd: str) -> No
         await store.close()
 
     run(go())
+
+
+def test_a_write_whose_outcome_is_unknown_is_read_back_before_the_next_one(etcd: str) -> None:
+    """A transaction that commits while its reply is lost (a timeout, a dropped connection) fails
+    the call; the next writer reads etcd again first, so it decides on what really committed and
+    the agents hear of it, instead of waiting for a conflict that may never come."""
+    from berth.controller.cluster import Cluster
+    from berth.controller.errors import UnavailableError
+    from berth.proto.berth.v1 import agent_pb2
+
+    class LostReply(Store):
+        """The real store; the reply of its next transaction is lost after etcd committed it."""
+
+        lose = 0
+
+        async def _commit_batch(self, batch):  # type: ignore[no-untyped-def]
+            revision = await super()._commit_batch(batch)
+            if self.lose:
+                self.lose -= 1
+                raise StoreError(f"etcd at {self.endpoint} failed a write (deadline exceeded)")
+            return revision
+
+    async def go() -> None:
+        store = LostReply(etcd, "/lost/")
+        node = pb.Node(id="A", name="host-a", state=pb.NODE_STATE_READY)
+        await store.commit([Put(store.keys.node("A"), node, 0)])
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()  # the loops are not needed: the test drives the writer itself
+        sent: list[tuple[str, agent_pb2.Assignments]] = []
+        cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
+        task = pb.Task(id="web.1.x", service="web", slot=1, node_id="A")
+        key = store.keys.task("web", 1)
+        store.lose = 1
+        with pytest.raises(UnavailableError, match="deadline exceeded"):
+            await cluster._commit([Put(key, task, 0)])
+        assert key not in cluster.state.tasks  # the controller did not hear that it committed
+        assert sent == []
+        view = await cluster.set_availability("host-a", pb.NODE_AVAILABILITY_PAUSE)  # the next writer
+        assert view.tasks == 1  # it saw the task that did commit
+        assert cluster.state.tasks[key].value == task
+        assert [(n, a.full, [t.id for t in a.tasks]) for n, a in sent] == [("A", True, ["web.1.x"])]
+        assert (await store.load()).nodes["A"].value.availability == pb.NODE_AVAILABILITY_PAUSE
+        await store.close()
+
+    run(go())
+
+
+def test_while_etcd_cannot_be_read_back_every_writer_fails_and_changes_nothing(etcd: str) -> None:
+    """After a write of unknown outcome, a writer that cannot reload refuses with Unavailable
+    (nothing is decided on a view that may be stale) until etcd answers again."""
+    from berth.controller.cluster import Cluster
+    from berth.controller.errors import UnavailableError
+    from berth.controller.store import Loaded
+
+    class Flaky(Store):
+        lose = 0
+        unreadable = False
+
+        async def _commit_batch(self, batch):  # type: ignore[no-untyped-def]
+            revision = await super()._commit_batch(batch)
+            if self.lose:
+                self.lose -= 1
+                raise StoreError("lost reply")
+            return revision
+
+        async def load(self) -> Loaded:
+            if self.unreadable:
+                raise StoreError(f"etcd at {self.endpoint} is unreachable")
+            return await super().load()
+
+    async def go() -> None:
+        store = Flaky(etcd, "/unreadable/")
+        await store.commit([Put(store.keys.node("A"), pb.Node(id="A", name="host-a"), 0)])
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()
+        store.lose = 1
+        with pytest.raises(UnavailableError):
+            await cluster._commit([Put(store.keys.task("web", 1), pb.Task(id="web.1.x"), 0)])
+        store.unreadable = True
+        with pytest.raises(UnavailableError, match="cannot be read"):
+            await cluster.set_availability("host-a", pb.NODE_AVAILABILITY_DRAIN)
+        assert (await Store.load(store)).nodes["A"].value.availability != pb.NODE_AVAILABILITY_DRAIN
+        store.unreadable = False
+        await cluster.set_availability("host-a", pb.NODE_AVAILABILITY_DRAIN)
+        assert store.keys.task("web", 1) in cluster.state.tasks
+        await store.close()
+
+    run(go())

@@ -29,6 +29,36 @@ def test_deadline_counts_from_the_last_message() -> None:
     assert live.expired(["a", "b"]) == ["a", "b"]
 
 
+def test_a_scan_says_until_when_no_other_node_can_expire() -> None:
+    """The controller skips scanning every node until the least recently heard one could pass
+    its deadline: the scan must name that moment, and the check must follow the deadline."""
+    clock = FakeClock()
+    live = Liveness(deadline=4.0, clock=clock, max_heartbeats_per_second=10)
+    live.fresh(["a", "b", "c"])
+    clock.now += 1.0
+    live.seen("a")
+    clock.now += 3.5  # b and c silent 4.5 s, a 3.5 s
+    expired, heard_since = live.scan(["a", "b"])
+    assert (expired, heard_since) == (["b"], 101.0)
+    assert live.none_silent_since(heard_since)
+    clock.now += 0.5  # a exactly at its deadline: not past it yet
+    assert live.none_silent_since(heard_since)
+    clock.now += 0.01
+    assert not live.none_silent_since(heard_since)
+    assert live.expired(["a"]) == ["a"]
+    live.scale_to(30)  # a longer deadline moves the moment later
+    assert live.none_silent_since(heard_since)
+
+
+def test_a_scan_of_no_node_or_unknown_nodes_names_now() -> None:
+    clock = FakeClock()
+    live = Liveness(deadline=4.0, clock=clock)
+    assert live.scan([]) == ([], 100.0)
+    assert live.scan(["new"]) == ([], 100.0)  # an unknown node gets a fresh start
+    clock.now += 4.5
+    assert live.scan(["new"]) == (["new"], 104.5)
+
+
 def test_fresh_start_judges_no_node_early() -> None:
     clock = FakeClock()
     live = Liveness(deadline=4.0, clock=clock)

@@ -161,6 +161,11 @@ class Cluster:
             log.exception("applying a commit failed; reloading state from etcd")
             await self._reload()
             raise UnavailableError("internal error applying a commit; state reloaded from etcd") from exc
+        except BaseException:
+            # cancelled (the caller's RPC deadline passed, or its client went away) while
+            # transactions were in flight: some may have committed without our hearing of it
+            self._uncertain = True
+            raise
 
     def _fold(self, batch: Sequence[Op], revisions: dict[str, int]) -> None:
         """Fold one committed transaction into the cache and send each agent concerned what it
@@ -211,14 +216,21 @@ class Cluster:
     async def _reload(self) -> bool:
         """Rebuild the cache from etcd and resend every agent its full assignment; False (and
         nothing changed) if etcd cannot be read."""
+        self._uncertain = True  # until the new state is in place (a cancelled reload leaves it so)
         try:
             loaded = await self.store.load()
         except StoreError as exc:
             log.error("reload failed: %s", exc)
-            self._uncertain = True
             return False
-        self._uncertain = False
+        ready = pb.NODE_STATE_READY
+        was_ready = {nid for nid, s in self.state.nodes.items() if s.value.state == ready}
         self.state = ClusterState.from_loaded(self.keys, loaded)
+        self._uncertain = False
+        # a node ready in etcd but not in the cache registered in a write whose reply we missed:
+        # as at start, it gets a fresh deadline before it is judged (its last message may be old)
+        self.liveness.fresh(
+            nid for nid, s in self.state.nodes.items() if s.value.state == ready and nid not in was_ready
+        )
         self._ready_heard_since = None  # the reloaded records may make other nodes ready
         # the cache may have missed writes (ours whose outcome we did not learn, or a concurrent
         # writer's): every connected agent gets the full list of what it must run, as on reconnect

@@ -250,3 +250,91 @@ def test_while_etcd_cannot_be_read_back_every_writer_fails_and_changes_nothing(e
         await store.close()
 
     run(go())
+
+
+def test_a_write_cancelled_in_flight_is_read_back_before_the_next_one(etcd: str) -> None:
+    """gRPC cancels a handler whose client gave up (its deadline passed while the writer lock was
+    held by a long pass, or it disconnected). If that happens while its transaction is in flight,
+    etcd may have committed it: the next writer must read it back, not decide without it."""
+    from berth.controller.cluster import Cluster
+
+    class SlowReply(Store):
+        """The real store; after etcd commits, the reply takes forever when ``slow`` is set."""
+
+        slow = False
+        committed = asyncio.Event()
+
+        async def _commit_batch(self, batch):  # type: ignore[no-untyped-def]
+            revision = await super()._commit_batch(batch)
+            if self.slow:
+                self.committed.set()
+                await asyncio.Event().wait()
+            return revision
+
+    async def go() -> None:
+        store = SlowReply(etcd, "/cancelled/")
+        SlowReply.committed = asyncio.Event()
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()  # the loops are not needed: the test drives the writer itself
+        store.slow = True
+        call = asyncio.create_task(
+            cluster.create_service(pb.ServiceSpec(name="web", image="nginx:1", replicas=2))
+        )
+        await asyncio.wait_for(SlowReply.committed.wait(), 10)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        store.slow = False
+        assert "web" in (await store.load()).services  # etcd has it ...
+        assert "web" not in cluster.state.services  # ... the cache did not hear of it
+        await cluster.reconcile_once()  # the next writer
+        assert "web" in cluster.state.services
+        assert sorted(t.value.slot for t in cluster.state.tasks.values()) == [1, 2]
+        await store.close()
+
+    run(go())
+
+
+def test_a_node_whose_registration_reply_was_lost_is_not_declared_down_at_once(etcd: str) -> None:
+    """A node down for a minute registers again; etcd commits it ready but the reply is lost.
+    When the next writer reads that back, the node gets a fresh deadline (as at controller
+    start) instead of being judged by the silence from before it came back."""
+    from berth.controller.cluster import Cluster
+    from berth.controller.errors import UnavailableError
+    from berth.controller.nodes import Liveness
+    from berth.proto.berth.v1 import agent_pb2
+
+    class LostReply(Store):
+        lose = 0
+
+        async def _commit_batch(self, batch):  # type: ignore[no-untyped-def]
+            revision = await super()._commit_batch(batch)
+            if self.lose:
+                self.lose -= 1
+                raise StoreError("deadline exceeded")
+            return revision
+
+    async def go() -> None:
+        store = LostReply(etcd, "/regloss/")
+        down = pb.Node(id="A", name="host-a", state=pb.NODE_STATE_DOWN)
+        await store.commit([Put(store.keys.node("A"), down, 0)])
+        now = [1000.0]
+        cluster = Cluster(store, liveness=Liveness(clock=lambda: now[0]))
+        await cluster.start()
+        await cluster.stop()
+        now[0] += 60.0  # down for a minute
+        store.lose = 1
+        with pytest.raises(UnavailableError):
+            await cluster.register(agent_pb2.Register(node_id="A", name="host-a", address="10.0.0.1"))
+        await cluster.set_availability("host-a", pb.NODE_AVAILABILITY_ACTIVE)  # the next writer
+        assert cluster.state.nodes["A"].value.state == pb.NODE_STATE_READY
+        now[0] += 0.25
+        await cluster.check_liveness()
+        assert cluster.state.nodes["A"].value.state == pb.NODE_STATE_READY
+        now[0] += cluster.liveness.deadline  # and silence after that is judged as always
+        await cluster.check_liveness()
+        assert cluster.state.nodes["A"].value.state == pb.NODE_STATE_DOWN
+        await store.close()
+
+    run(go())

@@ -106,7 +106,7 @@ class ClusterService(cluster_pb2_grpc.ClusterAPIServicer):
 
     @_translating
     async def Plan(self, request: cluster_pb2.PlanRequest, context: Any) -> Any:
-        return self.cluster.plan(request.specs)
+        return await self.cluster.plan(request.specs)
 
     async def WatchEvents(self, request: cluster_pb2.WatchEventsRequest, context: Any) -> Any:
         queue = self.cluster.events.subscribe()

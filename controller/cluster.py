@@ -745,15 +745,18 @@ class Cluster:
             retiring=[s.value for s in self.state.retiring.values()],
         )
 
-    def plan(self, specs: Sequence[pb.ServiceSpec]) -> cluster_pb2.PlanResponse:
-        """What applying ``specs`` would do now; changes nothing (``berth plan``)."""
+    async def plan(self, specs: Sequence[pb.ServiceSpec]) -> cluster_pb2.PlanResponse:
+        """What applying ``specs`` would do now; changes nothing (``berth plan``). Planned off
+        the event loop, like a real pass: on a large cluster it takes seconds, and heartbeats
+        must keep being answered meanwhile."""
         names = set()
         for spec in specs:
             self._validate(spec)
             if spec.name in names:
                 raise InvalidError(f"name: service {spec.name!r} appears twice in the plan")
             names.add(spec.name)
-        return preview(
+        return await asyncio.to_thread(
+            preview,
             self.snapshot(),
             specs,
             now=self.clock(),

@@ -146,11 +146,18 @@ def preview(
     )
     names = {nid: n.name for nid, n in snap.nodes.items()}
     wanted = {spec.name for spec in specs}
-    response = cluster_pb2.PlanResponse(removed=sorted(removed))
-    placed_now: dict[str, str] = {}
+    response = cluster_pb2.PlanResponse()
+    placed_now: dict[str, str] = {}  # task id -> node, for pending tasks placed now
+    moved: dict[str, str] = {}  # task key -> node, for slots whose replacement is placed now
     if step.plan is not None:
         for p in step.plan.placements:
-            placed_now[p.task_id] = p.node_id
+            if p.task_id in step.replacements:
+                replaced = step.replacements[p.task_id][0]
+                moved[replaced.key] = p.node_id
+                if replaced.old.service in wanted:
+                    removed.append(replaced.old.id)  # stopped once its replacement runs
+            else:
+                placed_now[p.task_id] = p.node_id
         for w in step.plan.pending:
             task = (
                 step.pending[w.task_id][1] if w.task_id in step.pending else step.replacements[w.task_id][1]
@@ -159,15 +166,19 @@ def preview(
                 response.pending.add(
                     service=task.service, slot=task.slot, reason=w.reason, rejections=dict(w.rejections)
                 )
-    for _, task in sorted(tasks.items(), key=lambda kv: (kv[1].service, kv[1].slot)):
+    response.removed.extend(sorted(removed))
+    for key, task in sorted(tasks.items(), key=lambda kv: (kv[1].service, kv[1].slot)):
         if task.service not in wanted:
             continue
-        if task.id in placed_now:
-            node_id = placed_now[task.id]
+        if task.id in placed_now or key in moved:
+            node_id = placed_now.get(task.id) or moved[key]
             response.placements.add(
                 service=task.service, slot=task.slot, node_id=node_id, node=names.get(node_id, "")
             )
         elif task.node_id:
+            # includes a slot whose replacement cannot be placed: it stays where it is (kept
+            # running when its node drains, shown lost when it is down) and the replacement is
+            # listed as pending with its reason, as applying would do
             response.placements.add(
                 service=task.service,
                 slot=task.slot,

@@ -62,6 +62,11 @@ def parse_resources(items: list[str]) -> dict[str, int]:
         try:
             if not sep or not name:
                 raise ValueError(f"{item!r} is not NAME=AMOUNT")
+            if name in ("cpu", "memory"):
+                raise ValueError(
+                    f"{name} is measured on the host (--cpus / --memory override it); "
+                    "--resource declares other resources, e.g. gpu=2 or disk=100Gi"
+                )
             parsed[name] = parse_memory(amount)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--resource") from None

@@ -64,6 +64,11 @@ def load_cluster(path: Path) -> list[pb.Node]:
             memory_bytes=quantity(f"{field}.memory", entry.get("memory", 0), parse_memory),
         )
         for name, amount in (entry.get("resources") or {}).items():
+            if name in ("cpu", "memory"):
+                raise InputError(
+                    f"{field}.resources.{name}: not a named resource; give it as {field}.{name}"
+                    f"{'s' if name == 'cpu' else ''}"
+                )
             capacity.scalars[str(name)] = quantity(f"{field}.resources.{name}", amount, parse_memory)
         labels = {str(k): str(v) for k, v in (entry.get("labels") or {}).items()}
         for n in range(1, count + 1):

@@ -30,8 +30,12 @@ def run(document: dict[str, Any]) -> cluster_pb2.PlanResponse:
         node.state = node.state or pb.NODE_STATE_READY
         node.availability = node.availability or pb.NODE_AVAILABILITY_ACTIVE
         nodes[node.id or node.name] = node
+    names = set()
     for spec in request.specs:
         validate_spec(spec)
+        if spec.name in names:  # the same rule as the live controller's plan
+            raise SpecError("name", f"service {spec.name!r} appears twice in the plan")
+        names.add(spec.name)
     snap = Snapshot(services={}, tasks={}, nodes=nodes)
     return preview(snap, list(request.specs), now=time.time(), task_key=Keys().task)
 

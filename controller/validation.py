@@ -41,6 +41,8 @@ IMAGE_RE = re.compile(
 )
 """A plausible ``[registry[:port]/]name[:tag][@sha256:digest]``, after Docker's reference grammar."""
 SCALAR_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
+# requested through their own fields; as scalar names they would be a second, unrelated dimension
+BUILT_IN_RESOURCES = {"cpu": "cpu_millis", "memory": "memory_bytes"}
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
 
@@ -118,6 +120,12 @@ def _check_scalars(scalars: Mapping[str, int]) -> None:
                 field,
                 f"{name!r} is not a valid resource name; use lowercase letters, digits, '_', '.', '-', "
                 "starting with a letter",
+            )
+        if name in BUILT_IN_RESOURCES:
+            raise SpecError(
+                field,
+                f"{name} is not a named resource; set resources.{BUILT_IN_RESOURCES[name]} "
+                f"(--{name} on the command line, {name}: in a spec file)",
             )
         if scalars[name] < 1:
             raise SpecError(field, f"must be at least 1, got {scalars[name]}; leave it out to request none")

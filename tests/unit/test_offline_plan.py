@@ -67,8 +67,9 @@ def test_offline_plan_reports_pending_reasons(tmp_path: Path) -> None:
         ("nodes: [{name: a, cpus: lots}]\n", "nodes[0].cpus"),
         ("nodes: [{name: a, color: red}]\n", "unknown field 'color'"),
         ("nodes: [{cpus: 2}]\n", "nodes[0].name: required"),
+        ("nodes: [{name: a, resources: {cpu: 2}}]\n", "nodes[0].resources.cpu: not a named resource"),
     ],
-    ids=["empty", "bad-cpus", "unknown-field", "no-name"],
+    ids=["empty", "bad-cpus", "unknown-field", "no-name", "cpu-as-resource"],
 )
 def test_offline_plan_bad_cluster_file(tmp_path: Path, nodes: str, message: str) -> None:
     proc = plan(tmp_path, "name: web\nimage: r/i:1\n", nodes)
@@ -79,3 +80,11 @@ def test_offline_plan_bad_cluster_file(tmp_path: Path, nodes: str, message: str)
 def test_offline_plan_invalid_spec(tmp_path: Path) -> None:
     proc = plan(tmp_path, "name: Web_1\nimage: r/i:1\n", NODES)
     assert proc.returncode != 0 and "name:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_offline_plan_refuses_a_service_named_twice(tmp_path: Path) -> None:
+    """As the live controller's plan does: which of the two would apply mean?"""
+    spec = "name: web\nimage: r/i:1\n---\nname: web\nimage: r/i:2\n"
+    proc = plan(tmp_path, spec, NODES)
+    assert proc.returncode != 0
+    assert "'web' appears twice" in proc.stderr and "Traceback" not in proc.stderr

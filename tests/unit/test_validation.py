@@ -93,6 +93,18 @@ BAD = [
         "resource name",
     ),
     ("scalar-zero", spec(resources=pb.Resources(scalars={"gpu": 0})), "resources.scalars.gpu", "at least 1"),
+    (
+        "scalar-cpu",
+        spec(resources=pb.Resources(scalars={"cpu": 1})),
+        "resources.scalars.cpu",
+        "set resources.cpu_millis (--cpu",
+    ),
+    (
+        "scalar-memory",
+        spec(resources=pb.Resources(scalars={"memory": 1 << 30})),
+        "resources.scalars.memory",
+        "set resources.memory_bytes (--memory",
+    ),
     ("container-port-zero", spec(ports=[port(80), port(0)]), "ports[1].container_port", "got 0"),
     ("container-port-high", spec(ports=[port(70000)]), "ports[0].container_port", "65535"),
     ("host-port-high", spec(ports=[port(80, 70000)]), "ports[0].host_port", "got 70000"),

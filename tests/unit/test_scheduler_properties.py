@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections import Counter, defaultdict
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from berth.controller.scheduler import (
     Resources,
     Strategy,
     TaskRequest,
+    core,
     explain,
     schedule,
 )
@@ -232,3 +235,86 @@ def check_every_task_answered_once(cluster: list[NodeInfo], work: list[TaskReque
     for pending in plan.pending:
         assert sum(pending.rejections.values()) == len(cluster)
         assert pending.reason.startswith(f"0/{len(cluster)} nodes available: ")
+
+
+def mixed_cluster(rnd: random.Random) -> tuple[list[NodeInfo], list[TaskRequest]]:
+    """A busier cluster than ``clusters``: 5-40 nodes, some already holding work (of a service
+    the tasks also belong to), some not ready, paused or draining; several services of identical
+    replicas, sometimes shuffled. Big enough for the batch steps (freeing hosts, refill) to act."""
+    nodes = []
+    for i in range(rnd.randint(5, 40)):
+        busy = rnd.random() < 0.3
+        nodes.append(
+            NodeInfo(
+                id=f"n{i:02d}",
+                capacity=Resources(
+                    cpu_millis=rnd.choice([2000, 4000, 8000]),
+                    memory_bytes=rnd.choice([4, 8, 16]) << 30,
+                    scalars=rnd.choice([{}, {"gpu": 2}]),
+                ),
+                allocated=Resources(cpu_millis=rnd.randint(0, 1500), memory_bytes=rnd.randint(0, 2) << 30)
+                if busy
+                else Resources(),
+                labels={"zone": rnd.choice("abc")},
+                ready=rnd.random() > 0.05,
+                availability=rnd.choice(
+                    [Availability.ACTIVE] * 10 + [Availability.PAUSE, Availability.DRAIN]
+                ),
+                service_counts={"s0": 1} if busy and rnd.random() < 0.5 else {},
+            )
+        )
+    work = []
+    for s in range(rnd.randint(2, 12)):
+        resources = Resources(
+            cpu_millis=rnd.choice([100, 250, 500, 1000, 1500, 3000]),
+            memory_bytes=rnd.choice([128, 512, 1024, 2048, 6000]) << 20,
+            scalars=rnd.choice([{}] * 4 + [{"gpu": 1}]),
+        )
+        constraint = rnd.choice(
+            [
+                (),
+                (),
+                (Constraint(key="zone", op="!=", value="c"),),
+                (Constraint(key="zone", op="in", values=("a", "b")),),
+            ]
+        )
+        max_per_node = rnd.choice([0, 0, 1, 3])
+        for r in range(rnd.choice([1, 2, 3, 5, 8])):
+            work.append(
+                TaskRequest(
+                    task_id=f"s{s}.{r}",
+                    service=f"s{s}",
+                    slot=r,
+                    resources=resources,
+                    constraints=constraint,
+                    max_per_node=max_per_node,
+                )
+            )
+    if rnd.random() < 0.3:
+        rnd.shuffle(work)
+    return nodes, work
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_plan_invariants_on_busy_mixed_clusters(rnd: random.Random) -> None:
+    """Every batch step included: no step may move a task onto a node that is not ready and
+    active, or break a limit, whatever the node already holds."""
+    cluster, work = mixed_cluster(rnd)
+    plan = run(cluster, work)
+    check_every_task_answered_once(cluster, work, plan)
+    check_never_overcommits(cluster, work, plan)
+    check_only_ready_active_nodes_meeting_constraints(cluster, work, plan)
+    check_never_exceeds_max_per_node(cluster, work, plan)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_reusing_a_pending_answer_changes_no_plan(rnd: random.Random) -> None:
+    """A task shaped like one found unplaceable reuses that answer only while nothing changed
+    since (placing or freeing room changes the table's version): the plan must be the one the
+    scheduler makes when it asks every time."""
+    cluster, work = mixed_cluster(rnd)
+    with mock.patch.object(core._Run, "_known_unplaceable", lambda self, task: None):
+        asking_every_time = run(cluster, work)
+    assert run(cluster, work) == asking_every_time

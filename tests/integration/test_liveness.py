@@ -1,0 +1,76 @@
+"""Node deadlines as the controller applies them, on real etcd with a fake clock: the check
+skips scanning every node while none can have expired, and must never act late because of it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from berth.controller.cluster import Cluster
+from berth.controller.nodes import Liveness
+from berth.controller.store import Store
+from berth.proto.berth.v1 import agent_pb2
+from berth.proto.berth.v1 import types_pb2 as pb
+from tests.integration.etcd_server import etcd_server
+
+pytestmark = pytest.mark.integration
+TICK = 0.25  # the controller's liveness tick
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with etcd_server(tmp_path_factory.mktemp("etcd") / "data") as url:
+        yield url
+
+
+def test_a_silent_node_is_declared_down_at_the_first_tick_past_its_deadline(etcd: str) -> None:
+    async def go() -> None:
+        store = Store(etcd, "/liveness/")
+        now = [1000.0]
+        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]))
+        await cluster.start()
+        await cluster.stop()  # the test drives the checks itself, tick by tick
+        sessions = {}
+        for name in ("a", "b", "c"):
+            sessions[name], _ = await cluster.register(agent_pb2.Register(node_id=name, name=name))
+
+        def state(name: str) -> int:
+            return cluster.state.nodes[name].value.state
+
+        async def run_until(end: float, *, heard: set[str]) -> dict[str, float]:
+            """Tick to ``end`` (fake seconds); nodes in ``heard`` send a message every second.
+            Returns when each node that was up was declared down."""
+            down: dict[str, float] = {}
+            up = {name for name in sessions if state(name) != pb.NODE_STATE_DOWN}
+            while now[0] < end:
+                now[0] += TICK
+                if now[0] % 1.0 == 0:
+                    for name in heard:
+                        cluster.heard(sessions[name])
+                await cluster.check_liveness()
+                for name in up:
+                    if state(name) == pb.NODE_STATE_DOWN and name not in down:
+                        down[name] = now[0]
+            return down
+
+        start = now[0]
+        # c falls silent after 5 s: down at the first tick past 5 + 4 s, not a tick later
+        await run_until(start + 5, heard={"a", "b", "c"})
+        down = await run_until(start + 15, heard={"a", "b"})
+        assert down == {"c": start + 9.25}
+        # it comes back, and falls silent again at once: judged from its registration
+        sessions["c"], _ = await cluster.register(agent_pb2.Register(node_id="c", name="c"))
+        back = now[0]
+        down = await run_until(back + 6, heard={"a", "b"})
+        assert down == {"c": back + 4.25}
+        # a, heard last at some whole second, goes silent: the skip set by earlier scans must
+        # not hide it
+        last = now[0] - now[0] % 1.0
+        down = await run_until(last + 6, heard={"b"})
+        assert down == {"a": last + 4.25}
+        assert state("b") == pb.NODE_STATE_READY
+        await store.close()
+
+    asyncio.run(go())

@@ -86,12 +86,17 @@ def task_request(task: pb.Task) -> TaskRequest:
             )
             for p in spec.ports
         ),
-        constraints=tuple(
-            Constraint(key=c.key, op=c.op, value=c.value, values=tuple(c.values)) for c in spec.constraints
-        ),
+        constraints=constraints_of(spec),
         max_per_node=spec.max_per_node,
         spread=tuple(spec.spread),
         strategy=Strategy.SPREAD if spec.strategy == pb.STRATEGY_SPREAD else Strategy.BINPACK,
+    )
+
+
+def constraints_of(spec: pb.ServiceSpec) -> tuple[Constraint, ...]:
+    """A spec's placement constraints as the scheduler evaluates them."""
+    return tuple(
+        Constraint(key=c.key, op=c.op, value=c.value, values=tuple(c.values)) for c in spec.constraints
     )
 
 

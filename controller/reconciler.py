@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from berth.controller.placement import constraints_of
+from berth.controller.scheduler import Constraint
 from berth.proto.berth.v1 import types_pb2 as pb
 
 
@@ -108,9 +110,13 @@ def plan_replacements(
 
     - on a DOWN node: yes, except at-most-one services (``on_disconnect: stop``) until the node
       has been silent for deadline + margin, so their agent has stopped them first;
-    - on a DRAINING node that is up: yes, replacement first (the old task retires).
+    - on a DRAINING node that is up: yes, replacement first (the old task retires);
+    - on a node that no longer meets the task's constraints (its labels changed when its agent
+      registered again): the same as draining, as Swarm does (Kubernetes' required node affinity
+      would leave it running).
     """
     out: list[Replacement] = []
+    constraints: dict[tuple[str, int], tuple[Constraint, ...]] = {}  # per service generation
     for key, task in tasks.items():
         node = nodes.get(task.node_id)
         if node is None or task.service not in services:
@@ -122,4 +128,13 @@ def plan_replacements(
             out.append(Replacement(key=key, old=task, retire=False, reason=f"node {node.name} down"))
         elif node.availability == pb.NODE_AVAILABILITY_DRAIN:
             out.append(Replacement(key=key, old=task, retire=True, reason=f"node {node.name} draining"))
+        else:
+            generation = (task.service, task.spec_generation)
+            wanted = constraints.get(generation)
+            if wanted is None:
+                wanted = constraints[generation] = constraints_of(task.spec)
+            broken = next((c for c in wanted if not c.holds(node.labels)), None)
+            if broken is not None:
+                reason = f"node {node.name} no longer meets constraint {broken}"
+                out.append(Replacement(key=key, old=task, retire=True, reason=reason))
     return sorted(out, key=lambda r: (r.old.service, r.old.slot))

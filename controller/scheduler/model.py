@@ -124,6 +124,17 @@ class Constraint:
             return f"{self.key} in ({','.join(self.values)})"
         return f"{self.key}{self.op}{self.value}"
 
+    def holds(self, labels: Mapping[str, str]) -> bool:
+        """Whether a node with ``labels`` satisfies the constraint (the rule the masks apply)."""
+        value = labels.get(self.key)
+        if self.op == "in":
+            return value in self.values
+        if self.op == "==":
+            return value == self.value
+        if self.op == "!=":
+            return value != self.value
+        return False
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeInfo:

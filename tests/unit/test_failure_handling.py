@@ -156,3 +156,43 @@ def test_unplaced_and_orphaned_tasks_are_not_replacements() -> None:
         margin=2.0,
     )
     assert out == []
+
+
+def constrained(*constraints: pb.Constraint) -> pb.Task:
+    spec = pb.ServiceSpec(name="s", replicas=1, constraints=list(constraints))
+    return pb.Task(id="s.1.x", service="s", slot=1, node_id="n", spec=spec, spec_generation=1)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "labels", "broken"),
+    [
+        (pb.Constraint(key="zone", op="==", value="eu"), {"zone": "eu"}, False),
+        (pb.Constraint(key="zone", op="==", value="eu"), {"zone": "us"}, True),
+        (pb.Constraint(key="zone", op="==", value="eu"), {}, True),
+        (pb.Constraint(key="zone", op="!=", value="eu"), {"zone": "eu"}, True),
+        (pb.Constraint(key="zone", op="!=", value="eu"), {}, False),
+        (pb.Constraint(key="zone", op="in", values=["a", "b"]), {"zone": "b"}, False),
+        (pb.Constraint(key="zone", op="in", values=["a", "b"]), {"zone": "c"}, True),
+        (pb.Constraint(key="zone", op="in", values=["a", "b"]), {}, True),
+    ],
+    ids=["eq-met", "eq-other", "eq-missing", "ne-broken", "ne-missing", "in-met", "in-other", "in-missing"],
+)
+def test_a_task_on_a_node_that_no_longer_meets_its_constraints_is_moved(
+    constraint: pb.Constraint, labels: dict[str, str], broken: bool
+) -> None:
+    """A node's labels changed when its agent registered again: its tasks whose constraints no
+    longer hold move, replacement first, as from a draining node (Swarm does the same)."""
+    n = node("n")
+    n.labels.update(labels)
+    out = plan_replacements(
+        tasks={"k": constrained(constraint)},
+        nodes={"n": n},
+        services={"s": service("s")},
+        silent_for=lambda _: 0.0,
+        deadline=4.0,
+        margin=2.0,
+    )
+    assert bool(out) == broken
+    if out:
+        assert out[0].retire
+        assert out[0].reason.startswith("node n no longer meets constraint zone")

@@ -23,6 +23,7 @@ from berth.controller.scheduler import (
     explain,
     schedule,
 )
+from berth.controller.scheduler.model import NodeTable
 
 DYNAMIC = (30000, 30004)
 SCALARS = ("gpu", "ssd")
@@ -318,3 +319,16 @@ def test_reusing_a_pending_answer_changes_no_plan(rnd: random.Random) -> None:
     with mock.patch.object(core._Run, "_known_unplaceable", lambda self, task: None):
         asking_every_time = run(cluster, work)
     assert run(cluster, work) == asking_every_time
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters, st.lists(constraints, min_size=1, max_size=3))
+def test_a_constraint_holds_on_a_node_exactly_where_its_mask_says(
+    cluster: list[NodeInfo], wanted: list[Constraint]
+) -> None:
+    """``Constraint.holds`` (moving running tasks off a relabelled node) and the scheduler's
+    masks (placing) must agree, or a task could be placed and then moved again at once."""
+    table = NodeTable(cluster, (), seed=0)
+    for constraint in wanted:
+        mask = table.constraint_mask(constraint)
+        assert [constraint.holds(n.labels) for n in cluster] == mask.tolist()

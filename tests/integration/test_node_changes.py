@@ -1,5 +1,6 @@
-"""Node deadlines as the controller applies them, on real etcd with a fake clock: the check
-skips scanning every node while none can have expired, and must never act late because of it."""
+"""What the controller does when a node changes, on real etcd: it falls silent (judged on a fake
+clock: the check skips scanning every node while none can have expired, and must never act late
+because of it), or it registers again with other labels."""
 
 from __future__ import annotations
 
@@ -71,6 +72,48 @@ def test_a_silent_node_is_declared_down_at_the_first_tick_past_its_deadline(etcd
         down = await run_until(last + 6, heard={"b"})
         assert down == {"a": last + 4.25}
         assert state("b") == pb.NODE_STATE_READY
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_relabelled_node_hands_over_the_tasks_whose_constraints_it_no_longer_meets(etcd: str) -> None:
+    """Its agent registers again with other labels: each task whose constraint it breaks gets a
+    replacement on a node that meets it, and retires once that replacement runs, as from a drain."""
+
+    async def go() -> None:
+        store = Store(etcd, "/relabel/")
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()  # the test drives the passes itself
+        capacity = pb.Resources(cpu_millis=4000, memory_bytes=8 << 30)
+        sessions = {}
+        for name, zone in (("a", "eu"), ("b", "eu"), ("c", "us")):
+            register = agent_pb2.Register(node_id=name, name=name, capacity=capacity, labels={"zone": zone})
+            sessions[name], _ = await cluster.register(register)
+        spec = pb.ServiceSpec(name="web", image="nginx:1", replicas=1)
+        spec.constraints.add(key="zone", op="==", value="eu")
+        await cluster.create_service(spec)
+        await cluster.reconcile_once()
+        key = store.keys.task("web", 1)
+        first = cluster.state.tasks[key].value
+        assert first.node_id in ("a", "b")
+        other = "b" if first.node_id == "a" else "a"
+
+        register = agent_pb2.Register(node_id=first.node_id, name=first.node_id, capacity=capacity)
+        register.labels["zone"] = "us"  # the host moved (or was relabelled by its operator)
+        sessions[first.node_id], _ = await cluster.register(register)
+        await cluster.reconcile_once()
+        second = cluster.state.tasks[key].value
+        assert second.id != first.id and second.node_id == other
+        assert list(cluster.state.retiring) == [first.id]  # still running until the new one runs
+
+        running = pb.TaskStatus(task_id=second.id, node_id=other, state=pb.TASK_STATE_RUNNING)
+        await cluster.record_statuses(sessions[other], [running])
+        await cluster._write_statuses(dict(cluster._status_inbox))
+        await cluster.reconcile_once()
+        assert list(cluster.state.retiring) == []
+        assert (await store.load()).tasks[key].value.node_id == other
         await store.close()
 
     asyncio.run(go())

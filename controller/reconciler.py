@@ -133,7 +133,7 @@ def plan_replacements(
             wanted = constraints.get(generation)
             if wanted is None:
                 wanted = constraints[generation] = constraints_of(task.spec)
-            broken = next((c for c in wanted if not c.holds(node.labels)), None)
+            broken = next((c for c in wanted if not c.holds(node.labels)), None) if wanted else None
             if broken is not None:
                 reason = f"node {node.name} no longer meets constraint {broken}"
                 out.append(Replacement(key=key, old=task, retire=True, reason=reason))

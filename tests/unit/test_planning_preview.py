@@ -87,3 +87,48 @@ def test_a_replacement_that_fits_nowhere_leaves_the_slot_in_place_and_says_why()
     assert placements == {1: ("a", True), 2: ("b", True), 3: ("c", True)}  # it keeps running there
     assert removed == []
     assert pending == [1]
+
+
+def test_an_at_most_one_slot_waits_while_its_old_task_is_being_stopped() -> None:
+    """Stop first: while the old task (moved to retiring/ with desired state SHUTDOWN) has not
+    stopped, its slot's successor is neither placed nor given another pending reason."""
+    nodes = [node("a", drain=True), node("b"), node("c")]
+    snap, spec = cluster(nodes, ["a", "b", "c"])
+    spec.on_disconnect = pb.ON_DISCONNECT_STOP
+    services = {"web": pb.Service(spec=spec, generation=1)}
+    step = scheduling_step(
+        Snapshot(services=services, tasks=snap.tasks, nodes=snap.nodes),
+        silent_for=lambda _: 0.0,
+        deadline=4.0,
+        margin=2.0,
+        now=NOW,
+        new_id=lambda s, n: f"{s}.{n}.new",
+    )
+    assert [r.old.id for r in step.stopping] == ["web.1.old"] and not step.replacements
+    stopping = pb.Task()
+    stopping.CopyFrom(snap.tasks[KEYS.task("web", 1)])
+    stopping.desired_state = pb.TASK_STATE_SHUTDOWN
+    successor = pb.Task(
+        id="web.1.new",
+        service="web",
+        slot=1,
+        spec=spec,
+        spec_generation=1,
+        desired_state=pb.TASK_STATE_RUNNING,
+    )
+    tasks = {**snap.tasks, KEYS.task("web", 1): successor}
+    held = Snapshot(services=services, tasks=tasks, nodes=snap.nodes, retiring=[stopping])
+    step = scheduling_step(
+        held, silent_for=lambda _: 0.0, deadline=4.0, margin=2.0, now=NOW, new_id=lambda s, n: f"{s}.{n}.x"
+    )
+    assert step.plan is None and not step.pending  # held: nothing to place yet
+    released = Snapshot(services=services, tasks=tasks, nodes=snap.nodes, retiring=[])
+    step = scheduling_step(
+        released,
+        silent_for=lambda _: 0.0,
+        deadline=4.0,
+        margin=2.0,
+        now=NOW,
+        new_id=lambda s, n: f"{s}.{n}.x",
+    )
+    assert step.plan is not None and [p.task_id for p in step.plan.placements] == ["web.1.new"]

@@ -10,7 +10,9 @@ what changed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import operator
 import secrets
@@ -106,6 +108,7 @@ class Cluster:
         # every ready node was heard at or after this moment (None: unknown, scan them all); at
         # 5,000 nodes a scan four times a second was 3 % of the controller's interpreter
         self._ready_heard_since: float | None = None
+        self._planner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-plan")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -769,7 +772,7 @@ class Cluster:
             if spec.name in names:
                 raise InvalidError(f"name: service {spec.name!r} appears twice in the plan")
             names.add(spec.name)
-        return await asyncio.to_thread(
+        what_if = functools.partial(
             preview,
             self.snapshot(),
             specs,
@@ -779,6 +782,9 @@ class Cluster:
             deadline=self.liveness.deadline,
             margin=self.margin,
         )
+        # one worker of its own: plans queue behind each other (a plan whose client gave up
+        # still runs to its end) and never hold up the real pass, which uses the default pool
+        return await asyncio.get_running_loop().run_in_executor(self._planner, what_if)
 
     async def _schedule(
         self, now: float, *, fresh: dict[str, pb.Task], deleted: set[str], ops: list[Op]

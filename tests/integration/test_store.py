@@ -338,3 +338,43 @@ def test_a_node_whose_registration_reply_was_lost_is_not_declared_down_at_once(e
         await store.close()
 
     run(go())
+
+
+def test_plans_never_take_the_threads_the_placement_pass_needs(
+    etcd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``berth plan`` runs off the event loop, on a worker of its own: however many plans are
+    stuck (a slow plan keeps running after its client gave up), the real pass still gets a thread
+    from the default pool for reconcile and the scheduler."""
+    import threading
+
+    from berth.controller import cluster as cluster_module
+    from berth.controller.cluster import Cluster
+
+    release = threading.Event()
+    ran_on: list[str] = []
+
+    def stuck_preview(*args: object, **kwargs: object) -> None:
+        ran_on.append(threading.current_thread().name)
+        release.wait(30)
+
+    async def go() -> None:
+        store = Store(etcd, "/planpool/")
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()
+        monkeypatch.setattr(cluster_module, "preview", stuck_preview)
+        spec = pb.ServiceSpec(name="web", image="nginx:1", replicas=1)
+        plans = [asyncio.create_task(cluster.plan([spec])) for _ in range(40)]
+        await asyncio.sleep(0.2)
+        for plan in plans:
+            plan.cancel()
+        try:
+            # the default pool has min(32, cores + 4) workers: 40 stuck plans would hold them all
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), 10)
+        finally:
+            release.set()
+        assert ran_on and all(name.startswith("berth-plan") for name in ran_on)
+        await store.close()
+
+    run(go())

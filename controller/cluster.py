@@ -108,6 +108,7 @@ class Cluster:
         # every ready node was heard at or after this moment (None: unknown, scan them all); at
         # 5,000 nodes a scan four times a second was 3 % of the controller's interpreter
         self._ready_heard_since: float | None = None
+        self._kept: dict[str, str] = {}  # task id -> why it stays on a node it should leave
         self._planner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-plan")
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -812,6 +813,7 @@ class Cluster:
         for stop_ops, _ in stopping:
             ops += stop_ops
         if step.plan is None:
+            self._kept.clear()  # no task waits for a replacement
             ops += [self.state.put(key, task) for key, task in fresh.items()]
             await self._commit(ops)
             self._publish_stopping(stopping)
@@ -838,6 +840,8 @@ class Cluster:
                     if r.old.id in self.state.statuses:
                         ops.append(self.state.delete(self.keys.status(r.old.id)))
                 moved.append((r, new))
+        waiting = {replacements[w.task_id][0].old.id for w in plan.pending if w.task_id in replacements}
+        self._kept = {task_id: why for task_id, why in self._kept.items() if task_id in waiting}
         for w in plan.pending:
             if w.task_id in pending:
                 key, task = pending[w.task_id]
@@ -977,8 +981,22 @@ class Cluster:
 
     def _mark_unreplaced(self, r: Replacement, reason: str) -> list[Op]:
         """A task on a down node that no other node can take: show it as lost, keep it in place
-        (if its node comes back it is reclaimed)."""
+        (if its node comes back it is reclaimed). A task that must leave a node that is up
+        (draining, or no longer meeting its constraints) keeps running there: its status stays
+        the agent's, and an event says why it stays (once per reason)."""
         if r.retire:
+            message = f"{r.reason}; it keeps running there: no replacement yet: {reason}"
+            if self._kept.get(r.old.id) != message:
+                self._kept[r.old.id] = message
+                node = self.state.nodes.get(r.old.node_id)
+                self.events.publish(
+                    "task-kept",
+                    message,
+                    node_id=r.old.node_id,
+                    node=node.value.name if node else "",
+                    service=r.old.service,
+                    task=r.old.id,
+                )
             return []
         status = self.state.status_of(r.old.id)
         message = f"{r.reason}; no replacement yet: {reason}"

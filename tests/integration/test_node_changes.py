@@ -171,3 +171,32 @@ def test_draining_an_at_most_one_task_stops_it_before_its_successor_is_placed(et
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_task_no_node_can_take_off_a_draining_node_stays_and_says_so_once(etcd: str) -> None:
+    async def go() -> None:
+        store = Store(etcd, "/kept/")
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()
+        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
+        await cluster.register(agent_pb2.Register(node_id="a", name="a", capacity=capacity))
+        await cluster.create_service(pb.ServiceSpec(name="web", image="nginx:1", replicas=1))
+        await cluster.reconcile_once()
+        events = cluster.events.subscribe()
+        await cluster.set_availability("a", pb.NODE_AVAILABILITY_DRAIN)
+        for _ in range(3):  # the loop retries every pass; the event is sent once per reason
+            await cluster.reconcile_once()
+        kinds = []
+        while not events.empty():
+            event = events.get_nowait()
+            kinds.append(event.kind)
+            if event.kind == "task-kept":
+                assert (
+                    "node a draining; it keeps running there: no replacement yet: 0/1 nodes" in event.message
+                )
+        assert kinds.count("task-kept") == 1
+        assert cluster.state.tasks[store.keys.task("web", 1)].value.node_id == "a"  # still there
+        await store.close()
+
+    asyncio.run(go())

@@ -561,7 +561,7 @@ class Cluster:
         agents already run the tasks of its first transactions; their statuses queue in the
         inbox (coalesced per task) and go out in one batch when the pass is committed, rather
         than compete with it for the event loop."""
-        running = stopped = False
+        running = False
         async with self._writing():
             ops: list[Op] = []
             for task_id, status in inbox.items():
@@ -569,12 +569,11 @@ class Cluster:
                     continue
                 ops.append(self.state.put(self.keys.status(task_id), status))
                 running = running or status.state == pb.TASK_STATE_RUNNING
-                stopped = stopped or status.state == pb.TASK_STATE_SHUTDOWN
             await self._commit(ops)
         if running:
             self._check_failovers()
-        if (running or stopped) and self.state.retiring:
-            self.trigger()  # a replacement may now run, or a task stopped first has stopped
+        if running and self.state.retiring:
+            self.trigger()  # a replacement may now run: its retiring predecessor can go
 
     # -- liveness ----------------------------------------------------------------------
 
@@ -723,31 +722,18 @@ class Cluster:
             await self._schedule(now, fresh=fresh, deleted=set(result.delete), ops=ops)
 
     async def _retire_replaced(self) -> None:
-        """Drop retiring tasks whose replacement runs (or whose slot or node is gone), and tasks
-        stopped first (at-most-one) once their agent reported them stopped, or once their node
-        is down past deadline + margin (its agent has stopped them by then)."""
+        """Drop retiring tasks whose replacement runs (or whose slot or node is gone)."""
         ops: list[Op] = []
         for task_id, stored in list(self.state.retiring.items()):
             old = stored.value
+            current = self.state.value_of(self.keys.task(old.service, old.slot))
             node = self.state.nodes.get(old.node_id)
-            if old.desired_state == pb.TASK_STATE_SHUTDOWN:
-                status = self.state.status_of(old.id)
-                stopped = status is not None and status.state == pb.TASK_STATE_SHUTDOWN
-                silent = node is None or (
-                    node.value.state == pb.NODE_STATE_DOWN
-                    and self.liveness.silent_for(old.node_id) > self.liveness.deadline + self.margin
-                )
-                done, why = stopped or silent, "it stopped" if stopped else "its node is gone"
-            else:
-                current = self.state.value_of(self.keys.task(old.service, old.slot))
-                done = current is None or (current.id != old.id and self.state.is_running(current))
-                done = done or node is None or node.value.state == pb.NODE_STATE_DOWN
-                why = "its replacement runs"
-            if done:
+            done = current is None or (current.id != old.id and self.state.is_running(current))
+            if done or node is None or node.value.state == pb.NODE_STATE_DOWN:
                 ops += self._delete_task_ops(self.keys.retiring_task(task_id), old)
                 self.events.publish(
                     "task-retired",
-                    why,
+                    "its replacement runs",
                     node_id=old.node_id,
                     node=node.value.name if node else "",
                     service=old.service,
@@ -809,14 +795,10 @@ class Cluster:
             now=now,
             new_id=_new_task_id,
         )
-        stopping = [self._stop_first(r, now) for r in step.stopping]
-        for stop_ops, _ in stopping:
-            ops += stop_ops
         if step.plan is None:
             self._kept.clear()  # no task waits for a replacement
             ops += [self.state.put(key, task) for key, task in fresh.items()]
             await self._commit(ops)
-            self._publish_stopping(stopping)
             return
         plan, pending, replacements = step.plan, step.pending, step.replacements
         moved: list[tuple[Replacement, pb.Task]] = []
@@ -876,44 +858,12 @@ class Cluster:
                 service=placed_task.service if placed_task else "",
                 task=p.task_id,
             )
-        self._publish_stopping(stopping)
         for r, new in moved:
             self.events.publish(
                 "task-replaced",
                 f"{r.reason}: replaced by {new.id}",
                 node_id=r.old.node_id,
                 node=names.get(r.old.node_id, ""),
-                service=r.old.service,
-                task=r.old.id,
-            )
-
-    def _stop_first(self, r: Replacement, now: float) -> tuple[list[Op], tuple[Replacement, pb.Task]]:
-        """An at-most-one task leaving a node that is up: in one transaction its slot gets an
-        unplaced successor, held back (see ``scheduling_step``), and the old task moves to
-        ``retiring/`` with desired state SHUTDOWN, which takes it out of its node's assignment:
-        the agent stops it and reports it. ``_retire_replaced`` drops it then (or once its node
-        is down past deadline + margin), and the next pass places the successor."""
-        node = self.state.nodes.get(r.old.node_id)
-        name = node.value.name if node else r.old.node_id
-        new = placement.replacement_for(r.old, _new_task_id(r.old.service, r.old.slot), now)
-        new.pending_reason = f"waiting for {r.old.id} to stop on {name} (at most one copy runs)"
-        old = pb.Task()
-        old.CopyFrom(r.old)
-        old.desired_state = pb.TASK_STATE_SHUTDOWN
-        ops: list[Op] = [
-            replace(self.state.put(r.key, new), with_next=True),
-            self.state.put(self.keys.retiring_task(r.old.id), old),
-        ]
-        return ops, (r, new)
-
-    def _publish_stopping(self, stopping: Sequence[tuple[list[Op], tuple[Replacement, pb.Task]]]) -> None:
-        for _, (r, new) in stopping:
-            node = self.state.nodes.get(r.old.node_id)
-            self.events.publish(
-                "task-replaced",
-                f"{r.reason}: stopping it first (at most one copy runs), then {new.id}",
-                node_id=r.old.node_id,
-                node=node.value.name if node else "",
                 service=r.old.service,
                 task=r.old.id,
             )

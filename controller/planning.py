@@ -40,7 +40,6 @@ class Snapshot:
 class Step:
     pending: dict[str, tuple[str, pb.Task]] = field(default_factory=dict)  # task id -> (key, task)
     replacements: dict[str, tuple[Replacement, pb.Task]] = field(default_factory=dict)  # new id -> ...
-    stopping: list[Replacement] = field(default_factory=list)  # stop first, place once stopped
     nodes: list[NodeInfo] = field(default_factory=list)
     plan: Plan | None = None
 
@@ -55,12 +54,10 @@ def scheduling_step(
     new_id: Callable[[str, int], str],
 ) -> Step:
     step = Step()
-    # an at-most-one slot whose old task is being stopped waits until it has stopped
-    held = {(t.service, t.slot) for t in snap.retiring if t.desired_state == pb.TASK_STATE_SHUTDOWN}
     unplaced = [
         (key, t)
         for key, t in snap.tasks.items()
-        if not t.node_id and t.desired_state == pb.TASK_STATE_RUNNING and (t.service, t.slot) not in held
+        if not t.node_id and t.desired_state == pb.TASK_STATE_RUNNING
     ]
     unplaced.sort(key=lambda kv: (kv[1].service, kv[1].slot))
     step.pending = {t.id: (key, t) for key, t in unplaced}
@@ -72,9 +69,6 @@ def scheduling_step(
         deadline=deadline,
         margin=margin,
     ):
-        if r.stop_first:
-            step.stopping.append(r)
-            continue
         fresh = placement.replacement_for(r.old, new_id(r.old.service, r.old.slot), now)
         step.replacements[fresh.id] = (r, fresh)
     if not step.pending and not step.replacements:
@@ -172,9 +166,6 @@ def preview(
                 response.pending.add(
                     service=task.service, slot=task.slot, reason=w.reason, rejections=dict(w.rejections)
                 )
-    for r in step.stopping:  # at-most-one: stopped first, its successor placed in a later pass
-        if r.old.service in wanted:
-            removed.append(r.old.id)
     response.removed.extend(sorted(removed))
     for key, task in sorted(tasks.items(), key=lambda kv: (kv[1].service, kv[1].slot)):
         if task.service not in wanted:

@@ -89,15 +89,12 @@ def reconcile(
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Replacement:
     """A slot whose task must move: ``retire`` keeps the old task running until the new one runs
-    (drain); otherwise the old task is dropped once the new one is placed (node down).
-    ``stop_first`` (an at-most-one service leaving a node that is up): the old task is stopped
-    first, and its replacement is placed only once its agent reported it stopped."""
+    (drain); otherwise the old task is dropped once the new one is placed (node down)."""
 
     key: str
     old: pb.Task
     retire: bool
     reason: str
-    stop_first: bool = False
 
 
 def plan_replacements(
@@ -113,8 +110,7 @@ def plan_replacements(
 
     - on a DOWN node: yes, except at-most-one services (``on_disconnect: stop``) until the node
       has been silent for deadline + margin, so their agent has stopped them first;
-    - on a DRAINING node that is up: yes, replacement first (the old task retires), or for an
-      at-most-one service stop first (see ``Replacement.stop_first``);
+    - on a DRAINING node that is up: yes, replacement first (the old task retires);
     - on a node that no longer meets the task's constraints (its labels changed when its agent
       registered again): the same as draining, as Swarm does (Kubernetes' required node affinity
       would leave it running).
@@ -131,7 +127,7 @@ def plan_replacements(
                 continue
             out.append(Replacement(key=key, old=task, retire=False, reason=f"node {node.name} down"))
         elif node.availability == pb.NODE_AVAILABILITY_DRAIN:
-            out.append(_handover(key, task, services[task.service], f"node {node.name} draining"))
+            out.append(Replacement(key=key, old=task, retire=True, reason=f"node {node.name} draining"))
         else:
             generation = (task.service, task.spec_generation)
             wanted = constraints.get(generation)
@@ -140,13 +136,5 @@ def plan_replacements(
             broken = next((c for c in wanted if not c.holds(node.labels)), None) if wanted else None
             if broken is not None:
                 reason = f"node {node.name} no longer meets constraint {broken}"
-                out.append(_handover(key, task, services[task.service], reason))
+                out.append(Replacement(key=key, old=task, retire=True, reason=reason))
     return sorted(out, key=lambda r: (r.old.service, r.old.slot))
-
-
-def _handover(key: str, task: pb.Task, service: pb.Service, reason: str) -> Replacement:
-    """Moving a task off a node that is up: replacement first, except for an at-most-one service
-    (``on_disconnect: stop``), which must never run two copies of a slot: stop first."""
-    if service.spec.on_disconnect == pb.ON_DISCONNECT_STOP:
-        return Replacement(key=key, old=task, retire=False, reason=reason, stop_first=True)
-    return Replacement(key=key, old=task, retire=True, reason=reason)

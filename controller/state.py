@@ -32,7 +32,7 @@ class ClusterState:
             self._index(stored.value)
 
     def _index(self, task: pb.Task) -> None:
-        if _on_its_node(task):
+        if task.node_id:
             self.on_node[task.node_id][task.id] = task
 
     def _unindex(self, task: pb.Task, table: dict[str, Any]) -> None:
@@ -52,7 +52,7 @@ class ClusterState:
         else:
             key = self.task_key_by_id.get(task.id)
             other = self.tasks.get(key) if key is not None else None
-        return other is not None and other.value.node_id == task.node_id and _on_its_node(other.value)
+        return other is not None and other.value.node_id == task.node_id
 
     @classmethod
     def from_loaded(cls, keys: Keys, loaded: Loaded) -> ClusterState:
@@ -168,9 +168,3 @@ class ClusterState:
     def is_running(self, task: pb.Task) -> bool:
         status = self.status_of(task.id)
         return status is not None and status.state == pb.TASK_STATE_RUNNING and status.node_id == task.node_id
-
-
-def _on_its_node(task: pb.Task) -> bool:
-    """Whether the task is part of its node's assignment: placed, and not being stopped (an
-    at-most-one task moving off a node leaves the assignment first, see ``Cluster._stop_first``)."""
-    return bool(task.node_id) and task.desired_state != pb.TASK_STATE_SHUTDOWN

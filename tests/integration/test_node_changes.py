@@ -119,60 +119,6 @@ def test_a_relabelled_node_hands_over_the_tasks_whose_constraints_it_no_longer_m
     asyncio.run(go())
 
 
-def test_draining_an_at_most_one_task_stops_it_before_its_successor_is_placed(etcd: str) -> None:
-    """``on_disconnect: stop`` promises never two copies of a slot at once, drains included: the
-    old task leaves its node's assignment first, and the successor is placed only once the agent
-    reported the old one stopped."""
-
-    async def go() -> None:
-        store = Store(etcd, "/stopfirst/")
-        cluster = Cluster(store)
-        await cluster.start()
-        await cluster.stop()  # the test drives the passes itself
-        sent: list[tuple[str, list[str], list[str]]] = []  # (node, tasks to run, tasks to stop)
-
-        def send(node_id: str, message: agent_pb2.ControllerMessage) -> bool:
-            a = message.assignments
-            sent.append((node_id, [t.id for t in a.tasks], list(a.removed)))
-            return True
-
-        capacity = pb.Resources(cpu_millis=4000, memory_bytes=8 << 30)
-        sessions = {}
-        for name in ("a", "b"):
-            sessions[name], _ = await cluster.register(
-                agent_pb2.Register(node_id=name, name=name, capacity=capacity)
-            )
-        cluster.hub.send = send  # type: ignore[method-assign]
-        spec = pb.ServiceSpec(name="db", image="postgres:16", replicas=1, on_disconnect=pb.ON_DISCONNECT_STOP)
-        await cluster.create_service(spec)
-        await cluster.reconcile_once()
-        key = store.keys.task("db", 1)
-        first = cluster.state.tasks[key].value
-        other = "b" if first.node_id == "a" else "a"
-        sent.clear()
-
-        await cluster.set_availability(first.node_id, pb.NODE_AVAILABILITY_DRAIN)
-        await cluster.reconcile_once()
-        successor = cluster.state.tasks[key].value
-        assert successor.id != first.id and not successor.node_id
-        assert successor.pending_reason.startswith(f"waiting for {first.id} to stop")
-        assert sent == [(first.node_id, [], [first.id])]  # told to stop; nobody told to start
-        await cluster.reconcile_once()  # nothing changes while it has not stopped
-        assert not cluster.state.tasks[key].value.node_id and len(sent) == 1
-
-        stopped = pb.TaskStatus(task_id=first.id, node_id=first.node_id, state=pb.TASK_STATE_SHUTDOWN)
-        await cluster.record_statuses(sessions[first.node_id], [stopped])
-        await cluster._write_statuses(dict(cluster._status_inbox))
-        await cluster.reconcile_once()
-        placed = cluster.state.tasks[key].value
-        assert placed.id == successor.id and placed.node_id == other
-        assert sent[1:] == [(other, [successor.id], [])]
-        assert list(cluster.state.retiring) == []
-        await store.close()
-
-    asyncio.run(go())
-
-
 def test_a_task_no_node_can_take_off_a_draining_node_stays_and_says_so_once(etcd: str) -> None:
     async def go() -> None:
         store = Store(etcd, "/kept/")

@@ -116,7 +116,6 @@ CASES = [
     ("down-at-most-one-inside-margin", node("n", down=True), True, 5.0, False, False),
     ("down-at-most-one-after-margin", node("n", down=True), True, 6.5, True, False),
     ("draining-node", node("n", drain=True), False, 0.0, True, True),
-    ("draining-at-most-one-stops-first", node("n", drain=True), True, 0.0, True, False),
     ("down-and-draining", node("n", down=True, drain=True), False, 4.5, True, False),
 ]
 
@@ -141,8 +140,6 @@ def test_plan_replacements(
     assert bool(out) == replaced
     if out:
         assert out[0].retire == retire and out[0].old.id == "s.1.x"
-        # an at-most-one service never overlaps two copies: off a node that is up, stop first
-        assert out[0].stop_first == (at_most_one and n.state == pb.NODE_STATE_READY)
 
 
 def test_unplaced_and_orphaned_tasks_are_not_replacements() -> None:

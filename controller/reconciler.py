@@ -113,7 +113,7 @@ def plan_replacements(
     - on a DRAINING node that is up: yes, replacement first (the old task retires);
     - on a node that no longer meets the task's constraints (its labels changed when its agent
       registered again): the same as draining, as Swarm does (Kubernetes' required node affinity
-      would leave it running).
+      would leave it running); except for at-most-one services (``on_disconnect: stop``).
     """
     out: list[Replacement] = []
     constraints: dict[tuple[str, int], tuple[Constraint, ...]] = {}  # per service generation
@@ -128,7 +128,9 @@ def plan_replacements(
             out.append(Replacement(key=key, old=task, retire=False, reason=f"node {node.name} down"))
         elif node.availability == pb.NODE_AVAILABILITY_DRAIN:
             out.append(Replacement(key=key, old=task, retire=True, reason=f"node {node.name} draining"))
-        else:
+        elif services[task.service].spec.on_disconnect != pb.ON_DISCONNECT_STOP:
+            # (an at-most-one service is not moved automatically: a replacement-first move runs
+            # two copies for a moment, which it promises never to do; see docs/scheduling.md)
             generation = (task.service, task.spec_generation)
             wanted = constraints.get(generation)
             if wanted is None:

@@ -196,3 +196,19 @@ def test_a_task_on_a_node_that_no_longer_meets_its_constraints_is_moved(
     if out:
         assert out[0].retire
         assert out[0].reason.startswith("node n no longer meets constraint zone")
+
+
+def test_an_at_most_one_task_is_not_moved_automatically_off_a_relabelled_node() -> None:
+    """A replacement-first move would run two copies for a moment, which ``on_disconnect: stop``
+    promises never to do: such a task stays (drain it to move it)."""
+    n = node("n")
+    n.labels["zone"] = "us"
+    out = plan_replacements(
+        tasks={"k": constrained(pb.Constraint(key="zone", op="==", value="eu"))},
+        nodes={"n": n},
+        services={"s": service("s", at_most_one=True)},
+        silent_for=lambda _: 0.0,
+        deadline=4.0,
+        margin=2.0,
+    )
+    assert out == []

@@ -427,6 +427,17 @@ class Cluster:
                     f"node {node.name!r} is {state}; only a down node can be removed "
                     "(drain it and stop its agent first)"
                 )
+            wait = self.liveness.deadline + self.margin - self.liveness.silent_for(node.id)
+            at_most_one = any(
+                t.spec.on_disconnect == pb.ON_DISCONNECT_STOP for t in self.state.tasks_on(node.id)
+            )
+            if at_most_one and wait > 0:
+                # its tasks would be placed elsewhere at once, while its agent may still be
+                # stopping them: the same margin as failover (docs/failure-handling.md)
+                raise FailedPreconditionError(
+                    f"node {node.name!r} holds at-most-one tasks its agent may still be stopping; "
+                    f"it can be removed in {wait:.1f}s"
+                )
             ops: list[Op] = [self.state.delete(self.keys.node(node.id))]
             for task_id, stored in list(self.state.retiring.items()):
                 if stored.value.node_id == node.id:

@@ -146,3 +146,38 @@ def test_a_task_no_node_can_take_off_a_draining_node_stays_and_says_so_once(etcd
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_down_node_holding_at_most_one_tasks_is_removed_only_after_the_margin(etcd: str) -> None:
+    """Removing a node places its tasks elsewhere at once; for at-most-one tasks that must wait
+    as long as failover does (deadline + margin), or its cut-off agent may still be stopping them."""
+    from berth.controller.errors import FailedPreconditionError
+
+    async def go() -> None:
+        store = Store(etcd, "/rmnode/")
+        now = [1000.0]
+        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]), margin=2.0)
+        await cluster.start()
+        await cluster.stop()
+        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
+        sessions = {}
+        for name in ("a", "b"):
+            register = agent_pb2.Register(node_id=name, name=name, capacity=capacity)
+            sessions[name], _ = await cluster.register(register)
+        spec = pb.ServiceSpec(name="db", image="postgres:16", replicas=2, on_disconnect=pb.ON_DISCONNECT_STOP)
+        await cluster.create_service(spec)
+        await cluster.reconcile_once()
+        assert {t.value.node_id for t in cluster.state.tasks.values()} == {"a", "b"}
+        now[0] += 1.0
+        cluster.heard(sessions["b"])
+        now[0] += 3.5  # a silent 4.5 s: down, but not yet past the margin
+        await cluster.check_liveness()
+        assert cluster.state.nodes["a"].value.state == pb.NODE_STATE_DOWN
+        with pytest.raises(FailedPreconditionError, match=r"at-most-one tasks .* removed in 1\.5s"):
+            await cluster.remove_node("a")
+        now[0] += 1.6
+        await cluster.remove_node("a")
+        assert "a" not in cluster.state.nodes
+        await store.close()
+
+    asyncio.run(go())

@@ -33,7 +33,7 @@ from berth.controller.errors import (
 from berth.controller.events import EventBus
 from berth.controller.metrics import PENDING_REASONS, ControllerMetrics, StateView, reason_code
 from berth.controller.nodes import AT_MOST_ONE_MARGIN, Liveness
-from berth.controller.planning import Snapshot, needs_new_tasks, preview, scheduling_step
+from berth.controller.planning import Snapshot, Work, needs_new_tasks, preview, scheduling_step
 from berth.controller.reconciler import Replacement, reconcile
 from berth.controller.state import ClusterState
 from berth.controller.store import ConflictError, Op, Put, Store, StoreError
@@ -109,6 +109,10 @@ class Cluster:
         # 5,000 nodes a scan four times a second was 3 % of the controller's interpreter
         self._ready_heard_since: float | None = None
         self._kept: dict[str, str] = {}  # task id -> why it stays on a node it should leave
+        # bumped by every committed write a plan depends on (all but statuses): with the same
+        # version and the same work, the scheduler gives the same answer
+        self._plan_inputs = 0
+        self._fruitless: tuple[int, Work] | None = None  # the last plan that placed nothing
         self._planner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-plan")
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -177,7 +181,9 @@ class Cluster:
         the transaction. A drained task moves from its slot to ``retiring/`` on the same node in
         one transaction (the two writes are chained with ``with_next``), so it is neither."""
         touched: set[tuple[str, str]] = set()  # (node id, task id)
-        tasks, retiring = self.keys.tasks, self.keys.retiring
+        tasks, retiring, statuses = self.keys.tasks, self.keys.retiring, self.keys.statuses
+        if not all(op.key.startswith(statuses) for op in batch):
+            self._plan_inputs += 1
         for op in batch:
             if not op.key.startswith((tasks, retiring)):
                 continue
@@ -229,6 +235,7 @@ class Cluster:
         ready = pb.NODE_STATE_READY
         was_ready = {nid for nid, s in self.state.nodes.items() if s.value.state == ready}
         self.state = ClusterState.from_loaded(self.keys, loaded)
+        self._plan_inputs += 1
         self._uncertain = False
         # a node ready in etcd but not in the cache registered in a write whose reply we missed:
         # as at start, it gets a fresh deadline before it is judged (its last message may be old)
@@ -797,6 +804,15 @@ class Cluster:
         # the scheduler is CPU-bound: run it off the event loop so heartbeats keep being
         # acknowledged while a large batch is placed (we hold the writer lock meanwhile)
         started = time.perf_counter()
+        version = self._plan_inputs
+        # this pass's own reconcile writes (not committed yet) change the inputs too
+        fruitless = None if fresh or deleted else self._fruitless
+
+        def worth_planning(work: Work) -> bool:
+            # like Nomad's blocked evaluations: work that placed nothing waits for a change
+            # (a node, a task, a service) instead of being planned again every pass
+            return fruitless != (version, work)
+
         step = await asyncio.to_thread(
             scheduling_step,
             snap,
@@ -805,13 +821,16 @@ class Cluster:
             margin=self.margin,
             now=now,
             new_id=_new_task_id,
+            worth_planning=worth_planning,
         )
         if step.plan is None:
-            self._kept.clear()  # no task waits for a replacement
+            if not step.replacements:
+                self._kept.clear()  # no task waits for a replacement
             ops += [self.state.put(key, task) for key, task in fresh.items()]
             await self._commit(ops)
             return
         plan, pending, replacements = step.plan, step.pending, step.replacements
+        before = len(ops)
         moved: list[tuple[Replacement, pb.Task]] = []
         # written node by node: a transaction then holds the tasks of a few nodes, and as it
         # commits those agents get all their new work in one message and start on it
@@ -844,6 +863,8 @@ class Cluster:
                 r, _ = replacements[w.task_id]
                 ops += self._mark_unreplaced(r, w.reason)
         planned = time.perf_counter()
+        # nothing placed and nothing to write about it: the same work waits for a change
+        self._fruitless = (version, step.work()) if not plan.placements and len(ops) == before else None
         await self._commit(ops)
         self.metrics.scheduling_attempts.labels("placed").inc(len(plan.placements))
         self.metrics.scheduling_attempts.labels("pending").inc(len(plan.pending))

@@ -43,6 +43,17 @@ class Step:
     nodes: list[NodeInfo] = field(default_factory=list)
     plan: Plan | None = None
 
+    def work(self) -> Work:
+        """What this step is asked to place: its fingerprint for ``worth_planning``."""
+        replaced = frozenset(r.old.id for r, _ in self.replacements.values())
+        return Work(pending=frozenset(self.pending), replaced=replaced)
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    pending: frozenset[str]  # ids of the unplaced tasks
+    replaced: frozenset[str]  # ids of the tasks to move (down, draining or relabelled nodes)
+
 
 def scheduling_step(
     snap: Snapshot,
@@ -52,7 +63,11 @@ def scheduling_step(
     margin: float,
     now: float,
     new_id: Callable[[str, int], str],
+    worth_planning: Callable[[Work], bool] | None = None,
 ) -> Step:
+    """``worth_planning``, given what there is to place, may say it is not worth planning (the
+    caller knows nothing changed since the same work last placed nothing): the step then stops
+    before the costly part, with ``plan`` None."""
     step = Step()
     unplaced = [
         (key, t)
@@ -72,6 +87,8 @@ def scheduling_step(
         fresh = placement.replacement_for(r.old, new_id(r.old.service, r.old.slot), now)
         step.replacements[fresh.id] = (r, fresh)
     if not step.pending and not step.replacements:
+        return step
+    if worth_planning is not None and not worth_planning(step.work()):
         return step
     by_node = snap.by_node()
     step.nodes = [placement.node_info(node, by_node.get(nid, [])) for nid, node in sorted(snap.nodes.items())]

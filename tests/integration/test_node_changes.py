@@ -181,3 +181,49 @@ def test_a_down_node_holding_at_most_one_tasks_is_removed_only_after_the_margin(
         await store.close()
 
     asyncio.run(go())
+
+
+def test_work_that_placed_nothing_waits_for_a_change_instead_of_being_planned_every_pass(
+    etcd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Nomad's blocked evaluations: a replica no node can take is not planned again at every
+    pass (0.4 s of CPU at 5,000 nodes) until something it depends on changes; then it is placed."""
+    from berth.controller import planning
+
+    plans: list[int] = []
+    real_schedule = planning.schedule
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        plans.append(1)
+        return real_schedule(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "schedule", counted)
+
+    async def go() -> None:
+        store = Store(etcd, "/blocked/")
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()
+        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
+        await cluster.register(agent_pb2.Register(node_id="a", name="a", capacity=capacity))
+        spec = pb.ServiceSpec(
+            name="web", image="nginx:1", replicas=3, resources=pb.Resources(cpu_millis=1000)
+        )
+        await cluster.create_service(spec)
+
+        def placed() -> int:
+            return sum(1 for t in cluster.state.tasks.values() if t.value.node_id)
+
+        await cluster.reconcile_once()  # places two, the third waits with its reason
+        assert placed() == 2 and len(plans) == 1
+        await cluster.reconcile_once()  # plans the third again: nothing placed, nothing written
+        assert len(plans) == 2
+        for _ in range(3):
+            await cluster.reconcile_once()
+        assert len(plans) == 2  # not planned again while nothing changed
+        await cluster.register(agent_pb2.Register(node_id="b", name="b", capacity=capacity))
+        await cluster.reconcile_once()
+        assert len(plans) == 3 and placed() == 3
+        await store.close()
+
+    asyncio.run(go())

@@ -821,7 +821,7 @@ class Cluster:
             margin=self.margin,
             now=now,
             new_id=_new_task_id,
-            worth_planning=worth_planning,
+            worth_planning=worth_planning if fruitless is not None else None,
         )
         if step.plan is None:
             if not step.replacements:

@@ -583,8 +583,13 @@ class Cluster:
         async with self._writing():
             ops: list[Op] = []
             for task_id, status in inbox.items():
-                if self.state.task_by_id(task_id) is None or self.state.status_of(task_id) == status:
+                previous = self.state.status_of(task_id)
+                if self.state.task_by_id(task_id) is None or previous == status:
                     continue
+                if previous is not None and previous.state == pb.TASK_STATE_LOST:
+                    # a report about a task the controller marked lost (its node is down): the
+                    # next pass must judge it again, even if its last plan placed nothing
+                    self._fruitless = None
                 ops.append(self.state.put(self.keys.status(task_id), status))
                 running = running or status.state == pb.TASK_STATE_RUNNING
             await self._commit(ops)
@@ -863,9 +868,13 @@ class Cluster:
                 r, _ = replacements[w.task_id]
                 ops += self._mark_unreplaced(r, w.reason)
         planned = time.perf_counter()
-        # nothing placed and nothing to write about it: the same work waits for a change
-        self._fruitless = (version, step.work()) if not plan.placements and len(ops) == before else None
+        placed_nothing = not plan.placements and len(ops) == before  # and nothing to write
+        self._fruitless = None
         await self._commit(ops)
+        if placed_nothing:
+            # the same work waits for a change; the version counts this pass's own writes (the
+            # reconciler's deletes), which the plan already took into account
+            self._fruitless = (self._plan_inputs, step.work())
         self.metrics.scheduling_attempts.labels("placed").inc(len(plan.placements))
         self.metrics.scheduling_attempts.labels("pending").inc(len(plan.pending))
         latency = self.metrics.placement_latency

@@ -227,3 +227,90 @@ def test_work_that_placed_nothing_waits_for_a_change_instead_of_being_planned_ev
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_report_about_a_lost_task_has_it_judged_again_despite_the_memo(etcd: str) -> None:
+    """A task on a down node that nothing can replace is shown lost. If its agent (still on its
+    old stream) then reports it running, a status-only write, the next pass must judge it again
+    and show it lost, even though the last plan for it placed nothing."""
+
+    async def go() -> None:
+        store = Store(etcd, "/lostagain/")
+        now = [1000.0]
+        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]), margin=2.0)
+        await cluster.start()
+        await cluster.stop()
+        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
+        sessions = {}
+        for name in ("a", "b"):
+            register = agent_pb2.Register(node_id=name, name=name, capacity=capacity)
+            sessions[name], _ = await cluster.register(register)
+        spec = pb.ServiceSpec(
+            name="web", image="nginx:1", replicas=2, max_per_node=1, resources=pb.Resources(cpu_millis=1500)
+        )
+        await cluster.create_service(spec)
+        await cluster.reconcile_once()
+        on_a = next(t.value for t in cluster.state.tasks.values() if t.value.node_id == "a")
+        now[0] += 5.0
+        cluster.heard(sessions["b"])
+        await cluster.check_liveness()  # a is down; b cannot take a second replica
+        await cluster.reconcile_once()
+        await cluster.reconcile_once()  # the second plan places nothing, writes nothing: memo set
+
+        def state() -> int:
+            status = cluster.state.status_of(on_a.id)
+            assert status is not None
+            return status.state
+
+        assert state() == pb.TASK_STATE_LOST
+        running = pb.TaskStatus(task_id=on_a.id, node_id="a", state=pb.TASK_STATE_RUNNING)
+        await cluster.record_statuses(sessions["a"], [running])
+        await cluster._write_statuses(dict(cluster._status_inbox))
+        assert state() == pb.TASK_STATE_RUNNING
+        await cluster.reconcile_once()
+        assert state() == pb.TASK_STATE_LOST
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_pass_that_only_deletes_records_the_version_after_its_own_writes(
+    etcd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scaling down another service while a replica waits: that pass plans (its deletes may free
+    room) and, placing nothing, is remembered with its own writes counted, so the next pass does
+    not plan the same work once more for nothing."""
+    from berth.controller import planning
+
+    plans: list[int] = []
+    real_schedule = planning.schedule
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        plans.append(1)
+        return real_schedule(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "schedule", counted)
+
+    async def go() -> None:
+        store = Store(etcd, "/deletesonly/")
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()
+        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
+        await cluster.register(agent_pb2.Register(node_id="a", name="a", capacity=capacity))
+        big = pb.ServiceSpec(name="big", image="x:1", replicas=1, resources=pb.Resources(cpu_millis=3000))
+        small = pb.ServiceSpec(name="small", image="x:1", replicas=3, resources=pb.Resources(cpu_millis=100))
+        await cluster.create_service(big)
+        await cluster.create_service(small)
+        await cluster.reconcile_once()
+        await cluster.reconcile_once()
+        plans.clear()
+        await cluster.reconcile_once()
+        assert plans == []  # big waits for a change
+        await cluster.scale_service("small", 2)
+        for _ in range(3):
+            await cluster.reconcile_once()
+        assert len(plans) == 1  # the scale-down pass only
+        await store.close()
+
+    asyncio.run(go())

@@ -122,6 +122,11 @@ class Cluster:
         self.state = ClusterState.from_loaded(self.keys, loaded)
         self.liveness.fresh(self.state.nodes)  # judge no node before it had a chance to reconnect
         self.liveness.scale_to(len(self.state.nodes))
+        # nodes already down: their at-most-one tasks are replaced once the margin has passed
+        # from now, and the liveness check must wake the loop then, as for a node it declares down
+        self._awaiting_margin.update(
+            nid for nid, s in self.state.nodes.items() if s.value.state == pb.NODE_STATE_DOWN
+        )
         log.info(
             "state loaded revision=%d services=%d tasks=%d nodes=%d",
             loaded.revision,

@@ -314,3 +314,46 @@ def test_a_pass_that_only_deletes_records_the_version_after_its_own_writes(
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_node_already_down_at_start_has_its_at_most_one_tasks_replaced_when_the_margin_passes(
+    etcd: str,
+) -> None:
+    """A controller that starts gives every node a fresh deadline; for a node that was already
+    down, the liveness check must wake the loop when deadline + margin has passed, not leave it
+    to the next periodic pass."""
+
+    async def go() -> None:
+        store = Store(etcd, "/downatstart/")
+        first = Cluster(store)
+        await first.start()
+        await first.stop()
+        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
+        for name in ("a", "b"):
+            await first.register(agent_pb2.Register(node_id=name, name=name, capacity=capacity))
+        spec = pb.ServiceSpec(name="db", image="postgres:16", replicas=1, on_disconnect=pb.ON_DISCONNECT_STOP)
+        await first.create_service(spec)
+        await first.reconcile_once()
+        held_by = next(iter(first.state.tasks.values())).value.node_id
+        node = pb.Node()
+        node.CopyFrom(first.state.nodes[held_by].value)
+        node.state = pb.NODE_STATE_DOWN
+        await first._commit([first.state.put(store.keys.node(held_by), node)])  # it went down
+
+        now = [1000.0]
+        restarted = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]), margin=2.0)
+        await restarted.start()
+        await restarted.stop()
+        restarted._wake.clear()
+        other = "b" if held_by == "a" else "a"
+        now[0] += 5.0
+        restarted.liveness.seen(other)  # the other node keeps heartbeating
+        await restarted.check_liveness()
+        assert not restarted._wake.is_set()  # inside the margin: nothing to do yet
+        now[0] += 1.25
+        restarted.liveness.seen(other)
+        await restarted.check_liveness()
+        assert restarted._wake.is_set()  # past deadline + margin: a pass replaces it now
+        await store.close()
+
+    asyncio.run(go())

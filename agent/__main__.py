@@ -97,7 +97,7 @@ def main(
     memory: str = typer.Option("", help="Memory capacity to offer (e.g. 4Gi). Default: detected."),
     label: list[str] = typer.Option([], help="Node label KEY=VALUE; repeat for several."),
     resource: list[str] = typer.Option(
-        [], help="Named resource this host offers NAME=AMOUNT (gpu=2, disk=100Gi)."
+        [], help="Named resource this host offers NAME=AMOUNT (gpu=2, disk=100Gi); not cpu or memory."
     ),
     state_dir: Path = typer.Option(
         Path("/var/lib/berth/agent"), help="Where images, bundles and the node id live."

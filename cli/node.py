@@ -51,7 +51,9 @@ def _set(node: str, availability: pb.NodeAvailability.ValueType, verb: str) -> N
 
 @app.command("drain")
 def drain(node: str = NODE) -> None:
-    """Move every task off the node: each replacement starts elsewhere before the old one stops."""
+    """Move every task off the node: each replacement starts elsewhere before the old one stops.
+
+    At-most-one services too: their two copies overlap until the old one has stopped."""
     _set(node, pb.NODE_AVAILABILITY_DRAIN, "draining")
 
 
@@ -69,7 +71,9 @@ def activate(node: str = NODE) -> None:
 
 @app.command("rm")
 def rm(nodes: list[str] = typer.Argument(..., help="Names or ids of nodes that are down.")) -> None:
-    """Forget nodes that are down (their tasks are placed elsewhere)."""
+    """Forget nodes that are down (their tasks are placed elsewhere).
+
+    One holding at-most-one tasks only after its deadline plus margin (the error says when)."""
     client = Client()
     for node in nodes:
         client.call(client.stub.RemoveNode, cluster_pb2.RemoveNodeRequest(node=node))

@@ -508,7 +508,6 @@ class Cluster:
                     self.liveness.deadline,
                 )
             self.liveness.seen(reg.node_id)
-            self._ready_heard_since = None  # a node that was down may be ready again
             session = self.hub.attach(reg.node_id)
             assigned = self.state.tasks_on(reg.node_id)
         if previous is None:
@@ -844,11 +843,10 @@ class Cluster:
         moved: list[tuple[Replacement, pb.Task]] = []
         # written node by node: a transaction then holds the tasks of a few nodes, and as it
         # commits those agents get all their new work in one message and start on it
-        put_task = self.state.put_task
         for p in sorted(plan.placements, key=_node_id):
             if p.task_id in pending:
                 key, task = pending[p.task_id]
-                ops.append(put_task(key, placement.placed(task, p, now, in_place=key in fresh)))
+                ops.append(self.state.put(key, placement.placed(task, p, now, in_place=key in fresh)))
             else:
                 r, new = replacements[p.task_id]
                 slot = self.state.put(r.key, placement.placed(new, p, now))

@@ -79,15 +79,11 @@ class Liveness:
             return 0.0
         return self.clock() - last
 
-    def expired(self, node_ids: Iterable[str]) -> list[str]:
-        """The nodes silent for longer than the deadline (an unknown one gets a fresh start)."""
-        return self.scan(node_ids)[0]
-
     def scan(self, node_ids: Iterable[str]) -> tuple[list[str], float]:
         """The nodes silent for longer than the deadline, and the moment the least recently heard
         of the others was last heard: none of them can pass the deadline before that moment plus
         the deadline, so a caller need not scan again until then (last-heard times only move
-        forward). One clock read for all nodes."""
+        forward). An unknown node gets a fresh start. One clock read for all nodes."""
         now = self.clock()
         cutoff = now - self.deadline
         last = self._last

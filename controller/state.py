@@ -95,11 +95,6 @@ class ClusterState:
         """A put guarded by the revision this cache holds for ``key``."""
         return Put(key, value, self.revision_of(key))
 
-    def put_task(self, key: str, task: pb.Task) -> Put:
-        """``put`` for a key under ``tasks/`` (the one written at every placement: no table lookup)."""
-        stored = self.tasks.get(key)
-        return Put(key, task, stored.mod_revision if stored is not None else 0)
-
     def delete(self, key: str) -> Delete:
         return Delete(key, self.revision_of(key))
 

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from berth.controller import planning
+from berth.controller.agents import Session
 from berth.controller.cluster import Cluster
 from berth.controller.nodes import Liveness
 from berth.controller.store import Store
@@ -20,22 +22,67 @@ pytestmark = pytest.mark.integration
 TICK = 0.25  # the controller's liveness tick
 
 
+CAPACITY = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
+
+
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with etcd_server(tmp_path_factory.mktemp("etcd") / "data") as url:
         yield url
 
 
+@pytest.fixture
+def scheduler_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per run of the scheduler proper (``planning.schedule``)."""
+    runs: list[int] = []
+    real_schedule = planning.schedule
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append(1)
+        return real_schedule(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "schedule", counted)
+    return runs
+
+
+class FakeClock:
+    """The liveness clock, moved by the test (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def driven_cluster(etcd: str, prefix: str, clock: FakeClock | None = None) -> tuple[Store, Cluster]:
+    """A controller on real etcd with its loops stopped: the test drives passes and checks itself.
+    With ``clock``, node deadlines are 4 s on it and the at-most-one margin 2 s."""
+    store = Store(etcd, prefix)
+    if clock is None:
+        cluster = Cluster(store)
+    else:
+        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=clock), margin=2.0)
+    await cluster.start()
+    await cluster.stop()
+    return store, cluster
+
+
+async def register(cluster: Cluster, *names: str) -> dict[str, Session]:
+    """Nodes that register with ``CAPACITY``; their agents' sessions by name."""
+    sessions = {}
+    for name in names:
+        sessions[name], _ = await cluster.register(
+            agent_pb2.Register(node_id=name, name=name, capacity=CAPACITY)
+        )
+    return sessions
+
+
 def test_a_silent_node_is_declared_down_at_the_first_tick_past_its_deadline(etcd: str) -> None:
     async def go() -> None:
-        store = Store(etcd, "/liveness/")
-        now = [1000.0]
-        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]))
-        await cluster.start()
-        await cluster.stop()  # the test drives the checks itself, tick by tick
-        sessions = {}
-        for name in ("a", "b", "c"):
-            sessions[name], _ = await cluster.register(agent_pb2.Register(node_id=name, name=name))
+        clock = FakeClock()
+        store, cluster = await driven_cluster(etcd, "/liveness/", clock)
+        sessions = await register(cluster, "a", "b", "c")
 
         def state(name: str) -> int:
             return cluster.state.nodes[name].value.state
@@ -45,30 +92,30 @@ def test_a_silent_node_is_declared_down_at_the_first_tick_past_its_deadline(etcd
             Returns when each node that was up was declared down."""
             down: dict[str, float] = {}
             up = {name for name in sessions if state(name) != pb.NODE_STATE_DOWN}
-            while now[0] < end:
-                now[0] += TICK
-                if now[0] % 1.0 == 0:
+            while clock.now < end:
+                clock.now += TICK
+                if clock.now % 1.0 == 0:
                     for name in heard:
                         cluster.heard(sessions[name])
                 await cluster.check_liveness()
                 for name in up:
                     if state(name) == pb.NODE_STATE_DOWN and name not in down:
-                        down[name] = now[0]
+                        down[name] = clock.now
             return down
 
-        start = now[0]
+        start = clock.now
         # c falls silent after 5 s: down at the first tick past 5 + 4 s, not a tick later
         await run_until(start + 5, heard={"a", "b", "c"})
         down = await run_until(start + 15, heard={"a", "b"})
         assert down == {"c": start + 9.25}
         # it comes back, and falls silent again at once: judged from its registration
         sessions["c"], _ = await cluster.register(agent_pb2.Register(node_id="c", name="c"))
-        back = now[0]
+        back = clock.now
         down = await run_until(back + 6, heard={"a", "b"})
         assert down == {"c": back + 4.25}
         # a, heard last at some whole second, goes silent: the skip set by earlier scans must
         # not hide it
-        last = now[0] - now[0] % 1.0
+        last = clock.now - clock.now % 1.0
         down = await run_until(last + 6, heard={"b"})
         assert down == {"a": last + 4.25}
         assert state("b") == pb.NODE_STATE_READY
@@ -82,15 +129,13 @@ def test_a_relabelled_node_hands_over_the_tasks_whose_constraints_it_no_longer_m
     replacement on a node that meets it, and retires once that replacement runs, as from a drain."""
 
     async def go() -> None:
-        store = Store(etcd, "/relabel/")
-        cluster = Cluster(store)
-        await cluster.start()
-        await cluster.stop()  # the test drives the passes itself
-        capacity = pb.Resources(cpu_millis=4000, memory_bytes=8 << 30)
+        store, cluster = await driven_cluster(etcd, "/relabel/")
         sessions = {}
         for name, zone in (("a", "eu"), ("b", "eu"), ("c", "us")):
-            register = agent_pb2.Register(node_id=name, name=name, capacity=capacity, labels={"zone": zone})
-            sessions[name], _ = await cluster.register(register)
+            registration = agent_pb2.Register(
+                node_id=name, name=name, capacity=CAPACITY, labels={"zone": zone}
+            )
+            sessions[name], _ = await cluster.register(registration)
         spec = pb.ServiceSpec(name="web", image="nginx:1", replicas=1)
         spec.constraints.add(key="zone", op="==", value="eu")
         await cluster.create_service(spec)
@@ -100,9 +145,9 @@ def test_a_relabelled_node_hands_over_the_tasks_whose_constraints_it_no_longer_m
         assert first.node_id in ("a", "b")
         other = "b" if first.node_id == "a" else "a"
 
-        register = agent_pb2.Register(node_id=first.node_id, name=first.node_id, capacity=capacity)
-        register.labels["zone"] = "us"  # the host moved (or was relabelled by its operator)
-        sessions[first.node_id], _ = await cluster.register(register)
+        registration = agent_pb2.Register(node_id=first.node_id, name=first.node_id, capacity=CAPACITY)
+        registration.labels["zone"] = "us"  # the host moved (or was relabelled by its operator)
+        sessions[first.node_id], _ = await cluster.register(registration)
         await cluster.reconcile_once()
         second = cluster.state.tasks[key].value
         assert second.id != first.id and second.node_id == other
@@ -121,12 +166,8 @@ def test_a_relabelled_node_hands_over_the_tasks_whose_constraints_it_no_longer_m
 
 def test_a_task_no_node_can_take_off_a_draining_node_stays_and_says_so_once(etcd: str) -> None:
     async def go() -> None:
-        store = Store(etcd, "/kept/")
-        cluster = Cluster(store)
-        await cluster.start()
-        await cluster.stop()
-        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
-        await cluster.register(agent_pb2.Register(node_id="a", name="a", capacity=capacity))
+        store, cluster = await driven_cluster(etcd, "/kept/")
+        await register(cluster, "a")
         await cluster.create_service(pb.ServiceSpec(name="web", image="nginx:1", replicas=1))
         await cluster.reconcile_once()
         events = cluster.events.subscribe()
@@ -154,28 +195,21 @@ def test_a_down_node_holding_at_most_one_tasks_is_removed_only_after_the_margin(
     from berth.controller.errors import FailedPreconditionError
 
     async def go() -> None:
-        store = Store(etcd, "/rmnode/")
-        now = [1000.0]
-        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]), margin=2.0)
-        await cluster.start()
-        await cluster.stop()
-        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
-        sessions = {}
-        for name in ("a", "b"):
-            register = agent_pb2.Register(node_id=name, name=name, capacity=capacity)
-            sessions[name], _ = await cluster.register(register)
+        clock = FakeClock()
+        store, cluster = await driven_cluster(etcd, "/rmnode/", clock)
+        sessions = await register(cluster, "a", "b")
         spec = pb.ServiceSpec(name="db", image="postgres:16", replicas=2, on_disconnect=pb.ON_DISCONNECT_STOP)
         await cluster.create_service(spec)
         await cluster.reconcile_once()
         assert {t.value.node_id for t in cluster.state.tasks.values()} == {"a", "b"}
-        now[0] += 1.0
+        clock.now += 1.0
         cluster.heard(sessions["b"])
-        now[0] += 3.5  # a silent 4.5 s: down, but not yet past the margin
+        clock.now += 3.5  # a silent 4.5 s: down, but not yet past the margin
         await cluster.check_liveness()
         assert cluster.state.nodes["a"].value.state == pb.NODE_STATE_DOWN
         with pytest.raises(FailedPreconditionError, match=r"at-most-one tasks .* removed in 1\.5s"):
             await cluster.remove_node("a")
-        now[0] += 1.6
+        clock.now += 1.6
         await cluster.remove_node("a")
         assert "a" not in cluster.state.nodes
         await store.close()
@@ -184,28 +218,15 @@ def test_a_down_node_holding_at_most_one_tasks_is_removed_only_after_the_margin(
 
 
 def test_work_that_placed_nothing_waits_for_a_change_instead_of_being_planned_every_pass(
-    etcd: str, monkeypatch: pytest.MonkeyPatch
+    etcd: str, scheduler_runs: list[int]
 ) -> None:
     """As Nomad's blocked evaluations: a replica no node can take is not planned again at every
     pass (0.4 s of CPU at 5,000 nodes) until something it depends on changes; then it is placed."""
-    from berth.controller import planning
-
-    plans: list[int] = []
-    real_schedule = planning.schedule
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        plans.append(1)
-        return real_schedule(*args, **kwargs)
-
-    monkeypatch.setattr(planning, "schedule", counted)
+    plans = scheduler_runs
 
     async def go() -> None:
-        store = Store(etcd, "/blocked/")
-        cluster = Cluster(store)
-        await cluster.start()
-        await cluster.stop()
-        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
-        await cluster.register(agent_pb2.Register(node_id="a", name="a", capacity=capacity))
+        store, cluster = await driven_cluster(etcd, "/blocked/")
+        await register(cluster, "a")
         spec = pb.ServiceSpec(
             name="web", image="nginx:1", replicas=3, resources=pb.Resources(cpu_millis=1000)
         )
@@ -221,7 +242,7 @@ def test_work_that_placed_nothing_waits_for_a_change_instead_of_being_planned_ev
         for _ in range(3):
             await cluster.reconcile_once()
         assert len(plans) == 2  # not planned again while nothing changed
-        await cluster.register(agent_pb2.Register(node_id="b", name="b", capacity=capacity))
+        await register(cluster, "b")
         await cluster.reconcile_once()
         assert len(plans) == 3 and placed() == 3
         await store.close()
@@ -235,23 +256,16 @@ def test_a_report_about_a_lost_task_has_it_judged_again_despite_the_memo(etcd: s
     and show it lost, even though the last plan for it placed nothing."""
 
     async def go() -> None:
-        store = Store(etcd, "/lostagain/")
-        now = [1000.0]
-        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]), margin=2.0)
-        await cluster.start()
-        await cluster.stop()
-        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
-        sessions = {}
-        for name in ("a", "b"):
-            register = agent_pb2.Register(node_id=name, name=name, capacity=capacity)
-            sessions[name], _ = await cluster.register(register)
+        clock = FakeClock()
+        store, cluster = await driven_cluster(etcd, "/lostagain/", clock)
+        sessions = await register(cluster, "a", "b")
         spec = pb.ServiceSpec(
             name="web", image="nginx:1", replicas=2, max_per_node=1, resources=pb.Resources(cpu_millis=1500)
         )
         await cluster.create_service(spec)
         await cluster.reconcile_once()
         on_a = next(t.value for t in cluster.state.tasks.values() if t.value.node_id == "a")
-        now[0] += 5.0
+        clock.now += 5.0
         cluster.heard(sessions["b"])
         await cluster.check_liveness()  # a is down; b cannot take a second replica
         await cluster.reconcile_once()
@@ -275,29 +289,16 @@ def test_a_report_about_a_lost_task_has_it_judged_again_despite_the_memo(etcd: s
 
 
 def test_a_pass_that_only_deletes_records_the_version_after_its_own_writes(
-    etcd: str, monkeypatch: pytest.MonkeyPatch
+    etcd: str, scheduler_runs: list[int]
 ) -> None:
     """Scaling down another service while a replica waits: that pass plans (its deletes may free
     room) and, placing nothing, is remembered with its own writes counted, so the next pass does
     not plan the same work once more for nothing."""
-    from berth.controller import planning
-
-    plans: list[int] = []
-    real_schedule = planning.schedule
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        plans.append(1)
-        return real_schedule(*args, **kwargs)
-
-    monkeypatch.setattr(planning, "schedule", counted)
+    plans = scheduler_runs
 
     async def go() -> None:
-        store = Store(etcd, "/deletesonly/")
-        cluster = Cluster(store)
-        await cluster.start()
-        await cluster.stop()
-        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
-        await cluster.register(agent_pb2.Register(node_id="a", name="a", capacity=capacity))
+        store, cluster = await driven_cluster(etcd, "/deletesonly/")
+        await register(cluster, "a")
         big = pb.ServiceSpec(name="big", image="x:1", replicas=1, resources=pb.Resources(cpu_millis=3000))
         small = pb.ServiceSpec(name="small", image="x:1", replicas=3, resources=pb.Resources(cpu_millis=100))
         await cluster.create_service(big)
@@ -324,13 +325,8 @@ def test_a_node_already_down_at_start_has_its_at_most_one_tasks_replaced_when_th
     to the next periodic pass."""
 
     async def go() -> None:
-        store = Store(etcd, "/downatstart/")
-        first = Cluster(store)
-        await first.start()
-        await first.stop()
-        capacity = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
-        for name in ("a", "b"):
-            await first.register(agent_pb2.Register(node_id=name, name=name, capacity=capacity))
+        store, first = await driven_cluster(etcd, "/downatstart/")
+        await register(first, "a", "b")
         spec = pb.ServiceSpec(name="db", image="postgres:16", replicas=1, on_disconnect=pb.ON_DISCONNECT_STOP)
         await first.create_service(spec)
         await first.reconcile_once()
@@ -340,20 +336,19 @@ def test_a_node_already_down_at_start_has_its_at_most_one_tasks_replaced_when_th
         node.state = pb.NODE_STATE_DOWN
         await first._commit([first.state.put(store.keys.node(held_by), node)])  # it went down
 
-        now = [1000.0]
-        restarted = Cluster(store, liveness=Liveness(deadline=4.0, clock=lambda: now[0]), margin=2.0)
-        await restarted.start()
-        await restarted.stop()
+        clock = FakeClock()
+        restarted_store, restarted = await driven_cluster(etcd, "/downatstart/", clock)
         restarted._wake.clear()
         other = "b" if held_by == "a" else "a"
-        now[0] += 5.0
+        clock.now += 5.0
         restarted.liveness.seen(other)  # the other node keeps heartbeating
         await restarted.check_liveness()
         assert not restarted._wake.is_set()  # inside the margin: nothing to do yet
-        now[0] += 1.25
+        clock.now += 1.25
         restarted.liveness.seen(other)
         await restarted.check_liveness()
         assert restarted._wake.is_set()  # past deadline + margin: a pass replaces it now
         await store.close()
+        await restarted_store.close()
 
     asyncio.run(go())

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
-from berth.controller.store import MAX_TXN_OPS, ConflictError, Delete, Put, Store, StoreError
+from berth.controller.store import MAX_TXN_OPS, ConflictError, Delete, Loaded, Op, Put, Store, StoreError
 from berth.proto.berth.v1 import types_pb2 as pb
 from tests.integration.etcd_server import etcd_server, free_port
 
@@ -22,6 +22,31 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
+
+
+class LostReply(Store):
+    """The real store, except that the reply of its next ``lose`` transactions is lost after
+    etcd committed them (as on a timeout or a dropped connection)."""
+
+    lose = 0
+
+    async def _commit_batch(self, batch: Sequence[Op]) -> int:
+        revision = await super()._commit_batch(batch)
+        if self.lose:
+            self.lose -= 1
+            raise StoreError(f"etcd at {self.endpoint} failed a write (deadline exceeded)")
+        return revision
+
+
+class Unreadable(LostReply):
+    """... and whose reads fail while ``unreadable`` is set."""
+
+    unreadable = False
+
+    async def load(self) -> Loaded:
+        if self.unreadable:
+            raise StoreError(f"etcd at {self.endpoint} is unreachable")
+        return await super().load()
 
 
 def test_roundtrip_and_layout(etcd: str) -> None:
@@ -170,18 +195,6 @@ def test_a_write_whose_outcome_is_unknown_is_read_back_before_the_next_one(etcd:
     from berth.controller.errors import UnavailableError
     from berth.proto.berth.v1 import agent_pb2
 
-    class LostReply(Store):
-        """The real store; the reply of its next transaction is lost after etcd committed it."""
-
-        lose = 0
-
-        async def _commit_batch(self, batch):  # type: ignore[no-untyped-def]
-            revision = await super()._commit_batch(batch)
-            if self.lose:
-                self.lose -= 1
-                raise StoreError(f"etcd at {self.endpoint} failed a write (deadline exceeded)")
-            return revision
-
     async def go() -> None:
         store = LostReply(etcd, "/lost/")
         node = pb.Node(id="A", name="host-a", state=pb.NODE_STATE_READY)
@@ -213,26 +226,9 @@ def test_while_etcd_cannot_be_read_back_every_writer_fails_and_changes_nothing(e
     (nothing is decided on a view that may be stale) until etcd answers again."""
     from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
-    from berth.controller.store import Loaded
-
-    class Flaky(Store):
-        lose = 0
-        unreadable = False
-
-        async def _commit_batch(self, batch):  # type: ignore[no-untyped-def]
-            revision = await super()._commit_batch(batch)
-            if self.lose:
-                self.lose -= 1
-                raise StoreError("lost reply")
-            return revision
-
-        async def load(self) -> Loaded:
-            if self.unreadable:
-                raise StoreError(f"etcd at {self.endpoint} is unreachable")
-            return await super().load()
 
     async def go() -> None:
-        store = Flaky(etcd, "/unreadable/")
+        store = Unreadable(etcd, "/unreadable/")
         await store.commit([Put(store.keys.node("A"), pb.Node(id="A", name="host-a"), 0)])
         cluster = Cluster(store)
         await cluster.start()
@@ -304,16 +300,6 @@ def test_a_node_whose_registration_reply_was_lost_is_not_declared_down_at_once(e
     from berth.controller.errors import UnavailableError
     from berth.controller.nodes import Liveness
     from berth.proto.berth.v1 import agent_pb2
-
-    class LostReply(Store):
-        lose = 0
-
-        async def _commit_batch(self, batch):  # type: ignore[no-untyped-def]
-            revision = await super()._commit_batch(batch)
-            if self.lose:
-                self.lose -= 1
-                raise StoreError("deadline exceeded")
-            return revision
 
     async def go() -> None:
         store = LostReply(etcd, "/regloss/")

@@ -13,7 +13,10 @@
    every task has a node (*placed*) and until every task's observed status is RUNNING (*acked*);
    per service, the *decision latency* (from its CreateService returning until all its replicas are
    committed with a node) and the ack latency (until all are RUNNING); controller peak RSS
-   (``VmHWM``) and CPU seconds; the number of status writes.
+   (``VmHWM``) and CPU seconds; the number of status writes. The CPU of every process of the
+   run (controller, etcd, hollow agents, the bench), summed and spread over the machine's cores,
+   is the least wall time this much work could take here (``cpu_bound_s``); the controller's and
+   agents' CPU over the idle ``--settle`` seconds before submitting is the heartbeat load alone.
 4. Stops agents and controller and measures the etcd write ceiling on the same etcd
    (``bench.etcd_ceiling``: 128 puts per txn, 8 txns in flight as the store commits, the mean
    size of a placed task record), and reports placements/s as a fraction of it.
@@ -183,13 +186,22 @@ def start_etcd(procs: Processes) -> str:
         time.sleep(0.1)
 
 
-def start_controller(procs: Processes, etcd: str, address: str, profile: str) -> subprocess.Popen[bytes]:
+def start_controller(
+    procs: Processes, etcd: str, address: str, profile: str, max_heartbeats: float | None = None
+) -> subprocess.Popen[bytes]:
     argv = [sys.executable]
     if profile == "cprofile":
         argv += ["-m", "cProfile", "-o", str(procs.work / "controller.cprofile")]
     argv += ["-m", "berth.controller", "--etcd", etcd, "--listen", address, "--prefix", PREFIX]
     argv += ["--metrics-listen", f"127.0.0.1:{free_port()}"]  # metrics on, as in production
+    if max_heartbeats is not None:
+        argv += ["--max-heartbeats-per-second", str(max_heartbeats)]
     return procs.spawn("controller", argv)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on: what etcd, the controller and the agents share."""
+    return len(os.sched_getaffinity(0))
 
 
 # -- the etcd watch --------------------------------------------------------------------------------
@@ -315,6 +327,12 @@ class Result:
     etcd_cpu_s: float = 0.0
     hollow_cpu_s: float = 0.0
     bench_cpu_s: float = 0.0
+    cores: int = 0
+    cpu_total_s: float = 0.0
+    cpu_bound_s: float | None = None
+    idle_controller_cpu_pct: float | None = None
+    idle_hollow_cpu_pct: float | None = None
+    max_heartbeats_per_second: float | None = None
     task_writes: int = 0
     status_writes: int = 0
     status_writes_per_task: float | None = None
@@ -363,7 +381,8 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
     etcd_pid = procs.started[-1][1].pid
     say(f"etcd at {etcd} (data in {procs.work})")
     address = f"127.0.0.1:{free_port()}"
-    ctl = start_controller(procs, etcd, address, args.profile)
+    ctl = start_controller(procs, etcd, address, args.profile, args.max_heartbeats_per_second)
+    result.max_heartbeats_per_second = args.max_heartbeats_per_second
     say(f"controller pid {ctl.pid} at {address}")
 
     per = args.agents_per_process
@@ -383,7 +402,15 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
     t = time.monotonic()
     await wait_nodes_ready(api, args.nodes, args.register_timeout, ctl)
     result.register_s = round(time.monotonic() - t, 2)
+    # the idle load of a registered cluster (heartbeats and their acks, nothing else), over the settle
+    idle0, idle_ctl0 = time.monotonic(), cpu_seconds(ctl.pid)
+    idle_hollow0 = sum(cpu_seconds(f.pid) for f in fleets)
     await asyncio.sleep(args.settle)
+    idle_s = time.monotonic() - idle0
+    result.idle_controller_cpu_pct = round(100 * (cpu_seconds(ctl.pid) - idle_ctl0) / idle_s, 1)
+    result.idle_hollow_cpu_pct = round(
+        100 * (sum(cpu_seconds(f.pid) for f in fleets) - idle_hollow0) / idle_s, 1
+    )
     result.controller_rss_idle_mb = round(proc_status(ctl.pid, "VmRSS") / 1024, 1)
 
     spyer: subprocess.Popen[bytes] | None = None
@@ -496,6 +523,12 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
     result.etcd_cpu_s = round(cpu_seconds(etcd_pid) - etcd_cpu0, 1)
     result.hollow_cpu_s = round(sum(cpu_seconds(f.pid) for f in fleets) - hollow_cpu0, 1)
     result.bench_cpu_s = round(time.process_time() - bench_cpu0, 1)
+    result.cores = machine_cores()
+    result.cpu_total_s = round(
+        result.controller_cpu_s + result.etcd_cpu_s + result.hollow_cpu_s + result.bench_cpu_s, 1
+    )
+    # no schedule of this much work over these cores ends sooner: acked_s can only approach it
+    result.cpu_bound_s = round(result.cpu_total_s / result.cores, 2)
     result.controller_peak_rss_mb = round(proc_status(ctl.pid, "VmHWM") / 1024, 1)
     result.task_writes, result.status_writes = seen.task_writes, seen.status_writes
     if seen.running_total:
@@ -587,6 +620,9 @@ def table(result: Result) -> str:
             return f"{v:,.3f}{unit}" if v < 100 else f"{v:,.1f}{unit}"
         return f"{v:,}{unit}"
 
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f} %"
+
     rows = [
         ("nodes / tasks / services", f"{result.nodes:,} / {result.tasks:,} / {result.services}"),
         ("all nodes ready after", fmt(result.register_s, " s")),
@@ -607,6 +643,15 @@ def table(result: Result) -> str:
         ),
         ("controller / etcd CPU", f"{fmt(result.controller_cpu_s, ' s')} / {fmt(result.etcd_cpu_s, ' s')}"),
         ("hollow agents / bench CPU", f"{fmt(result.hollow_cpu_s, ' s')} / {fmt(result.bench_cpu_s, ' s')}"),
+        (
+            "all CPU / over the cores",
+            f"{fmt(result.cpu_total_s, ' s')} / {fmt(result.cpu_bound_s, ' s')} on {result.cores} cores",
+        ),
+        (
+            "idle CPU (heartbeats): controller / hollow",
+            f"{pct(result.idle_controller_cpu_pct)} / {pct(result.idle_hollow_cpu_pct)} of a core",
+        ),
+        ("controller --max-heartbeats-per-second", fmt(result.max_heartbeats_per_second) + " (- = default)"),
         ("task writes / status writes", f"{result.task_writes:,} / {result.status_writes:,}"),
         ("status writes per task", fmt(result.status_writes_per_task)),
         ("etcd writes/s (tasks+status)", fmt(result.writes_per_s)),
@@ -663,6 +708,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="run the hollow-agent processes at this nice value (they stand in for other machines)",
+    )
+    parser.add_argument(
+        "--max-heartbeats-per-second",
+        type=float,
+        default=None,
+        help="pass to the controller (default: its own default); shows what the heartbeat load costs",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, profile)")
     args = parser.parse_args(argv)

@@ -275,6 +275,7 @@ class TaskManager:
         self.runners: dict[str, TaskRunner] = {}
         self._found: dict[str, ContainerRecord] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self._stopping_ids: set[str] = set()  # tasks whose stop is under way
 
     async def recover(self) -> list[pb.TaskStatus]:
         """Find containers left by an earlier agent process; they keep running until the first
@@ -302,6 +303,10 @@ class TaskManager:
         return [r.status for r in self.runners.values()]
 
     def apply(self, tasks: Iterable[pb.Task], removed: Iterable[str], *, full: bool) -> None:
+        """Converge on the assignment. A task with desired state SHUTDOWN (an at-most-one task
+        moving stop first) is stopped and reported SHUTDOWN once it is: the controller starts its
+        successor only then, and sends it again (every full assignment does) until it hears so,
+        so a report lost to a reconnect or a restart on either side is made again."""
         wanted = {t.id: t for t in tasks}
         doomed = set(removed)
         if full:
@@ -312,8 +317,11 @@ class TaskManager:
         for task_id in doomed:
             runner = self.runners.pop(task_id, None)
             if runner is not None:
-                self._background(runner.shutdown())
+                self._background(runner.shutdown(), task_id)
         for task_id, task in wanted.items():
+            if task.desired_state == pb.TASK_STATE_SHUTDOWN:
+                self._stop_for_good(task)
+                continue
             if task_id in self.runners:
                 continue
             runner = TaskRunner(
@@ -337,22 +345,55 @@ class TaskManager:
         await asyncio.gather(*(r.shutdown(grace) for r in doomed), return_exceptions=True)
         return len(doomed)
 
+    def _stop_for_good(self, task: pb.Task) -> None:
+        """Stop a task the controller wants stopped, and report SHUTDOWN once nothing of it runs:
+        right away if nothing does (it was stopped before, or never started here)."""
+        if task.id in self._stopping_ids:
+            return  # under way: its end reports
+        runner = self.runners.pop(task.id, None)
+        if runner is not None:
+            self._background(runner.shutdown(), task.id)  # reports SHUTDOWN when done
+        elif task.id in self._found:
+            self._background(self._remove_found(task.id, report=True), task.id)
+        else:
+            self._report_stopped(task.id, "not running")
+
+    def _report_stopped(self, task_id: str, message: str) -> None:
+        self.report(
+            pb.TaskStatus(
+                task_id=task_id,
+                node_id=self.node_id,
+                state=pb.TASK_STATE_SHUTDOWN,
+                message=message,
+                updated_at=time.time(),
+            )
+        )
+
     def _remove_orphan(self, task_id: str) -> None:
+        self._background(self._remove_found(task_id, report=False), task_id)
+
+    async def _remove_found(self, task_id: str, *, report: bool) -> None:
         self._found.pop(task_id, None)
+        log.info("removing container no longer assigned task=%s", task_id)
+        with contextlib.suppress(RuntimeFailure):
+            await self.runtime.stop(task_id)
+        with contextlib.suppress(RuntimeFailure):
+            await self.runtime.remove(task_id)
+        if report:
+            self._report_stopped(task_id, "stopped and removed")
 
-        async def remove() -> None:
-            log.info("removing container no longer assigned task=%s", task_id)
-            with contextlib.suppress(RuntimeFailure):
-                await self.runtime.stop(task_id)
-            with contextlib.suppress(RuntimeFailure):
-                await self.runtime.remove(task_id)
-
-        self._background(remove())
-
-    def _background(self, coro: object) -> None:
+    def _background(self, coro: object, task_id: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
         self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._stopping_ids.add(task_id)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._stopping.discard(finished)
+            if not any(t is not finished and t.get_name() == task_id for t in self._stopping):
+                self._stopping_ids.discard(task_id)
+
+        task.set_name(task_id)
+        task.add_done_callback(done)
 
     async def close(self) -> None:
         """Agent shutdown: stop supervising but leave containers running (they are re-adopted)."""

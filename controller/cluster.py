@@ -33,7 +33,14 @@ from berth.controller.errors import (
 from berth.controller.events import EventBus
 from berth.controller.metrics import PENDING_REASONS, ControllerMetrics, StateView, reason_code
 from berth.controller.nodes import AT_MOST_ONE_MARGIN, Liveness
-from berth.controller.planning import Snapshot, Work, needs_new_tasks, preview, scheduling_step
+from berth.controller.planning import (
+    Snapshot,
+    Work,
+    held_reason,
+    needs_new_tasks,
+    preview,
+    scheduling_step,
+)
 from berth.controller.reconciler import Replacement, reconcile
 from berth.controller.state import ClusterState
 from berth.controller.store import ConflictError, Op, Put, Store, StoreError
@@ -184,7 +191,8 @@ class Cluster:
         """Fold one committed transaction into the cache and send each agent concerned what it
         must now run or stop: the difference in what the cache says the node holds before and after
         the transaction. A drained task moves from its slot to ``retiring/`` on the same node in
-        one transaction (the two writes are chained with ``with_next``), so it is neither."""
+        one transaction (the two writes are chained with ``with_next``), so it is neither; a task
+        told to stop moves the same way with desired state SHUTDOWN, and is sent again so."""
         touched: set[tuple[str, str]] = set()  # (node id, task id)
         tasks, retiring, statuses = self.keys.tasks, self.keys.retiring, self.keys.statuses
         if not all(op.key.startswith(statuses) for op in batch):
@@ -198,16 +206,19 @@ class Cluster:
             if isinstance(op, Put) and isinstance(op.value, pb.Task) and op.value.node_id:
                 touched.add((op.value.node_id, op.value.id))
         on_node = self.state.on_node
-        held_before = {(n, t) for n, t in touched if t in on_node.get(n, {})}
+        # (node, task) -> the desired state it was held with
+        held_before = {
+            (n, t): held.desired_state for n, t in touched if (held := on_node.get(n, {}).get(t)) is not None
+        }
         self.state.apply(batch, revisions)
         added: dict[str, list[pb.Task]] = defaultdict(list)
         removed: dict[str, list[str]] = defaultdict(list)
         for node_id, task_id in touched:
             held = on_node.get(node_id, {}).get(task_id)
-            before = (node_id, task_id) in held_before
-            if held is not None and not before:
+            before = held_before.get((node_id, task_id))
+            if held is not None and (before is None or before != held.desired_state):
                 added[node_id].append(held)
-            elif held is None and before:
+            elif held is None and before is not None:
                 removed[node_id].append(task_id)
         for node_id in added.keys() | removed.keys():
             # filled in place: a nested constructor would copy every task (and its spec) twice
@@ -583,7 +594,7 @@ class Cluster:
         agents already run the tasks of its first transactions; their statuses queue in the
         inbox (coalesced per task) and go out in one batch when the pass is committed, rather
         than compete with it for the event loop."""
-        running = False
+        running = stopped = False
         async with self._writing():
             ops: list[Op] = []
             for task_id, status in inbox.items():
@@ -596,11 +607,18 @@ class Cluster:
                     self._fruitless = None
                 ops.append(self.state.put(self.keys.status(task_id), status))
                 running = running or status.state == pb.TASK_STATE_RUNNING
+                if status.state == pb.TASK_STATE_SHUTDOWN:
+                    told = self.state.retiring.get(task_id)
+                    stopped = stopped or (
+                        told is not None and told.value.desired_state == pb.TASK_STATE_SHUTDOWN
+                    )
             await self._commit(ops)
         if running:
             self._check_failovers()
-        if running and self.state.retiring:
-            self.trigger()  # a replacement may now run: its retiring predecessor can go
+        if (running and self.state.retiring) or stopped:
+            # a replacement may now run: its retiring predecessor can go; or a task told to stop
+            # has stopped: the new task waiting in its slot can be placed
+            self.trigger()
 
     # -- liveness ----------------------------------------------------------------------
 
@@ -749,24 +767,47 @@ class Cluster:
             await self._schedule(now, fresh=fresh, deleted=set(result.delete), ops=ops)
 
     async def _retire_replaced(self) -> None:
-        """Drop retiring tasks whose replacement runs (or whose slot or node is gone)."""
+        """Drop retiring tasks whose replacement runs (or whose slot or node is gone), and the
+        ones told to stop (stop first) once stopped: their slot's new task is placed next."""
         ops: list[Op] = []
         for task_id, stored in list(self.state.retiring.items()):
             old = stored.value
             current = self.state.value_of(self.keys.task(old.service, old.slot))
             node = self.state.nodes.get(old.node_id)
-            done = current is None or (current.id != old.id and self.state.is_running(current))
-            if done or node is None or node.value.state == pb.NODE_STATE_DOWN:
+            if old.desired_state == pb.TASK_STATE_SHUTDOWN:
+                why = self._stopped(old, node.value if node else None)
+                if current is None:
+                    why = why or "its slot is gone"
+            else:
+                done = current is None or (current.id != old.id and self.state.is_running(current))
+                gone = node is None or node.value.state == pb.NODE_STATE_DOWN
+                why = "its replacement runs" if done or gone else ""
+            if why:
                 ops += self._delete_task_ops(self.keys.retiring_task(task_id), old)
                 self.events.publish(
                     "task-retired",
-                    "its replacement runs",
+                    why,
                     node_id=old.node_id,
                     node=node.value.name if node else "",
                     service=old.service,
                     task=old.id,
                 )
         await self._commit(ops)
+
+    def _stopped(self, task: pb.Task, node: pb.Node | None) -> str:
+        """Why a task told to stop can be taken as stopped ("" while it may still run): its
+        agent reported it so, or its node is gone, or its node is down and has been silent long
+        enough that its agent's watchdog stopped it (at-most-one: docs/failure-handling.md)."""
+        status = self.state.status_of(task.id)
+        if status is not None and status.state == pb.TASK_STATE_SHUTDOWN and status.node_id == task.node_id:
+            return "it has stopped"
+        if node is None:
+            return "its node was removed"
+        if node.state == pb.NODE_STATE_DOWN and (
+            self.liveness.silent_for(node.id) > self.liveness.deadline + self.margin
+        ):
+            return f"node {node.name} down for the deadline and margin: its agent stopped it"
+        return ""
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -832,6 +873,16 @@ class Cluster:
             new_id=_new_task_id,
             worth_planning=worth_planning if fruitless is not None else None,
         )
+        for r, new in step.stops.values():  # at-most-one updates: the old spec must go
+            ops += self._stop_first(r, new)
+            self.events.publish(
+                "task-replaced",
+                f"{r.reason}: replaced by {new.id} once it has stopped",
+                node_id=r.old.node_id,
+                node=self._node_name(r.old.node_id),
+                service=r.old.service,
+                task=r.old.id,
+            )
         if step.plan is None:
             if not step.replacements:
                 self._kept.clear()  # no task waits for a replacement
@@ -849,6 +900,10 @@ class Cluster:
                 ops.append(self.state.put(key, placement.placed(task, p, now, in_place=key in fresh)))
             else:
                 r, new = replacements[p.task_id]
+                if r.stop_first:  # planned only to know that a node can take it: see _stop_first
+                    ops += self._stop_first(r, new)
+                    moved.append((r, new))
+                    continue
                 slot = self.state.put(r.key, placement.placed(new, p, now))
                 if r.retire:
                     # one transaction: the old task moves from its slot to retiring/ without ever
@@ -878,22 +933,24 @@ class Cluster:
             # the same work waits for a change; the version counts this pass's own writes (the
             # reconciler's deletes), which the plan already took into account
             self._fruitless = (self._plan_inputs, step.work())
-        self.metrics.scheduling_attempts.labels("placed").inc(len(plan.placements))
+        waiting = {new.id for r, new in moved if r.stop_first}  # planned, placed later
+        placed = [p for p in plan.placements if p.task_id not in waiting]
+        self.metrics.scheduling_attempts.labels("placed").inc(len(placed))
         self.metrics.scheduling_attempts.labels("pending").inc(len(plan.pending))
         latency = self.metrics.placement_latency
-        for p in plan.placements:
+        for p in placed:
             created = pending[p.task_id][1] if p.task_id in pending else replacements[p.task_id][1]
             latency.observe(max(0.0, now - created.created_at))
         log.info(
             "placement pass placed=%d pending=%d plan_s=%.3f commit_s=%.3f writes=%d",
-            len(plan.placements),
+            len(placed),
             len(plan.pending),
             planned - started,
             time.perf_counter() - planned,
             len(ops),
         )
         names = {nid: s.value.name for nid, s in self.state.nodes.items()}
-        for p in plan.placements if self.events.wants("task-placed") else ():
+        for p in placed if self.events.wants("task-placed") else ():
             placed_task = self.state.task_by_id(p.task_id)
             self.events.publish(
                 "task-placed",
@@ -905,7 +962,7 @@ class Cluster:
         for r, new in moved:
             self.events.publish(
                 "task-replaced",
-                f"{r.reason}: replaced by {new.id}",
+                f"{r.reason}: replaced by {new.id}" + (" once it has stopped" if r.stop_first else ""),
                 node_id=r.old.node_id,
                 node=names.get(r.old.node_id, ""),
                 service=r.old.service,
@@ -973,12 +1030,29 @@ class Cluster:
             view.nodes.append((node.name, node.state == pb.NODE_STATE_READY, capacity, allocated))
         return view
 
+    def _stop_first(self, r: Replacement, new: pb.Task) -> list[Op]:
+        """An at-most-one task moves stop first: it retires with desired state SHUTDOWN (its agent
+        stops it and reports so; every full assignment asks again) and the new task waits in its
+        slot, unplaced, until that report comes (``_retire_replaced``), in one transaction."""
+        stopping = pb.Task()
+        stopping.CopyFrom(r.old)
+        stopping.desired_state = pb.TASK_STATE_SHUTDOWN
+        held = placement.with_reason(new, held_reason(r.old.id))
+        return [
+            replace(self.state.put(r.key, held), with_next=True),
+            self.state.put(self.keys.retiring_task(r.old.id), stopping),
+        ]
+
+    def _node_name(self, node_id: str) -> str:
+        node = self.state.nodes.get(node_id)
+        return node.value.name if node else ""
+
     def _mark_unreplaced(self, r: Replacement, reason: str) -> list[Op]:
         """A task on a down node that no other node can take: show it as lost, keep it in place
         (if its node comes back it is reclaimed). A task that must leave a node that is up
         (draining, or no longer meeting its constraints) keeps running there: its status stays
         the agent's, and an event says why it stays (once per reason)."""
-        if r.retire:
+        if r.retire or r.stop_first:
             message = f"{r.reason}; it keeps running there: no replacement yet: {reason}"
             if self._kept.get(r.old.id) != message:
                 self._kept[r.old.id] = message

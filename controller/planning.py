@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from berth.controller import placement
-from berth.controller.reconciler import Replacement, plan_replacements, reconcile
+from berth.controller.reconciler import Replacement, new_task, plan_replacements, reconcile
 from berth.controller.scheduler import NodeInfo, Plan, explain, schedule
 from berth.proto.berth.v1 import cluster_pb2
 from berth.proto.berth.v1 import types_pb2 as pb
@@ -40,6 +40,8 @@ class Snapshot:
 class Step:
     pending: dict[str, tuple[str, pb.Task]] = field(default_factory=dict)  # task id -> (key, task)
     replacements: dict[str, tuple[Replacement, pb.Task]] = field(default_factory=dict)  # new id -> ...
+    # stop-first moves made whatever the plan (updates of at-most-one services): new id -> ...
+    stops: dict[str, tuple[Replacement, pb.Task]] = field(default_factory=dict)
     nodes: list[NodeInfo] = field(default_factory=list)
     plan: Plan | None = None
 
@@ -69,10 +71,11 @@ def scheduling_step(
     caller knows nothing changed since the same work last placed nothing): the step then stops
     before the costly part, with ``plan`` None."""
     step = Step()
+    held = held_slots(snap.retiring)
     unplaced = [
         (key, t)
         for key, t in snap.tasks.items()
-        if not t.node_id and t.desired_state == pb.TASK_STATE_RUNNING
+        if not t.node_id and t.desired_state == pb.TASK_STATE_RUNNING and (t.service, t.slot) not in held
     ]
     unplaced.sort(key=lambda kv: (kv[1].service, kv[1].slot))
     step.pending = {t.id: (key, t) for key, t in unplaced}
@@ -84,8 +87,14 @@ def scheduling_step(
         deadline=deadline,
         margin=margin,
     ):
-        fresh = placement.replacement_for(r.old, new_id(r.old.service, r.old.slot), now)
-        step.replacements[fresh.id] = (r, fresh)
+        service = snap.services[r.old.service]
+        task_id = new_id(r.old.service, r.old.slot)
+        if r.old.spec_generation == service.generation:
+            fresh = placement.replacement_for(r.old, task_id, now)
+        else:  # an update moved stop first: the successor runs the service's current spec
+            fresh = new_task(service, r.old.slot, task_id=task_id, now=now)
+            fresh.pending_reason = ""
+        (step.stops if r.regardless else step.replacements)[fresh.id] = (r, fresh)
     if not step.pending and not step.replacements:
         return step
     if worth_planning is not None and not worth_planning(step.work()):
@@ -97,6 +106,17 @@ def scheduling_step(
     )
     step.plan = schedule(step.nodes, requests)
     return step
+
+
+def held_slots(retiring: Iterable[pb.Task]) -> dict[tuple[str, int], str]:
+    """Slots whose new task waits for the old one to stop (a stop-first move of an at-most-one
+    service), with the old task's id: the old task retires with desired state SHUTDOWN, and until
+    its agent reports it stopped the slot's task is not placed."""
+    return {(t.service, t.slot): t.id for t in retiring if t.desired_state == pb.TASK_STATE_SHUTDOWN}
+
+
+def held_reason(old_id: str) -> str:
+    return f"waiting for {old_id} to stop first"
 
 
 def apply_specs(
@@ -183,9 +203,21 @@ def preview(
                 response.pending.add(
                     service=task.service, slot=task.slot, reason=w.reason, rejections=dict(w.rejections)
                 )
+    held = held_slots(snap.retiring)
+    for task in sorted(tasks.values(), key=lambda t: (t.service, t.slot)):
+        old_id = held.get((task.service, task.slot))
+        if task.service in wanted and not task.node_id and old_id is not None:
+            # its predecessor is stopping (a stop-first move): it is placed once that is done
+            response.pending.add(service=task.service, slot=task.slot, reason=held_reason(old_id))
+    stopping = set()
+    for r, _ in step.stops.values():  # an at-most-one update: stopped now, replaced after
+        stopping.add(r.key)
+        if r.old.service in wanted:
+            removed.append(r.old.id)
+            response.pending.add(service=r.old.service, slot=r.old.slot, reason=held_reason(r.old.id))
     response.removed.extend(sorted(removed))
     for key, task in sorted(tasks.items(), key=lambda kv: (kv[1].service, kv[1].slot)):
-        if task.service not in wanted:
+        if task.service not in wanted or key in stopping:
             continue
         if task.id in placed_now or key in moved:
             node_id = placed_now.get(task.id) or moved[key]

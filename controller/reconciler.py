@@ -8,7 +8,9 @@ pending tasks to the scheduler.
 Rules, as in Swarm's replicated orchestrator:
 - slots ``1..replicas`` each hold exactly one task; a missing slot gets a new pending task;
 - a task whose spec generation is older than its service's is replaced by a new pending task in
-  the same slot (the old container is stopped; rolling updates are a later feature);
+  the same slot (the old container is stopped; rolling updates are a later feature); for an
+  at-most-one service (``on_disconnect: stop``) whose old task is placed on a node, the scheduling
+  step does it instead, stop first (:func:`plan_replacements`);
 - slots above ``replicas`` and tasks of removed services are deleted;
 - a task placed on a node that no longer exists goes back to pending.
 """
@@ -65,6 +67,13 @@ def reconcile(
             key = task_key(name, slot)
             wanted.add(key)
             current = tasks.get(key)
+            if (
+                current is not None
+                and current.spec_generation != service.generation
+                and current.node_id in node_ids
+                and service.spec.on_disconnect == pb.ON_DISCONNECT_STOP
+            ):
+                continue  # stop first: plan_replacements moves it once the old copy has stopped
             if current is None or current.spec_generation != service.generation:
                 if template is None:
                     template = new_task(service, 0, task_id="", now=now)
@@ -89,12 +98,17 @@ def reconcile(
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Replacement:
     """A slot whose task must move: ``retire`` keeps the old task running until the new one runs
-    (drain); otherwise the old task is dropped once the new one is placed (node down)."""
+    (drain); ``stop_first`` stops the old task and starts the new one only once the old one's
+    agent has reported it stopped (at-most-one services), once a node is known to take the new
+    one (drain, relabel) or ``regardless`` (an update: the old spec must go); otherwise the old
+    task is dropped once the new one is placed (node down)."""
 
     key: str
     old: pb.Task
     retire: bool
     reason: str
+    stop_first: bool = False
+    regardless: bool = False
 
 
 def plan_replacements(
@@ -113,7 +127,12 @@ def plan_replacements(
     - on a DRAINING node that is up: yes, replacement first (the old task retires);
     - on a node that no longer meets the task's constraints (its labels changed when its agent
       registered again): the same as draining, as Swarm does (Kubernetes' required node affinity
-      would leave it running); except for at-most-one services (``on_disconnect: stop``).
+      would leave it running);
+    - at-most-one services (``on_disconnect: stop``) on a node that is up move *stop first*
+      instead (two copies must never run at once): when draining or when their node no longer
+      meets their constraints, once the plan finds a node for the new task (until then the old
+      one keeps running); when their service was updated (a task of an older generation), at
+      once, ``regardless`` of room: the old spec must go, as with Swarm's stop-first updates.
     """
     out: list[Replacement] = []
     constraints: dict[tuple[str, int], tuple[Constraint, ...]] = {}  # per service generation
@@ -126,17 +145,32 @@ def plan_replacements(
             if spec.on_disconnect == pb.ON_DISCONNECT_STOP and silent_for(node.id) < deadline + margin:
                 continue
             out.append(Replacement(key=key, old=task, retire=False, reason=f"node {node.name} down"))
-        elif node.availability == pb.NODE_AVAILABILITY_DRAIN:
-            out.append(Replacement(key=key, old=task, retire=True, reason=f"node {node.name} draining"))
-        elif services[task.service].spec.on_disconnect != pb.ON_DISCONNECT_STOP:
-            # (an at-most-one service is not moved automatically: a replacement-first move runs
-            # two copies for a moment, which it promises never to do; see docs/scheduling.md)
-            generation = (task.service, task.spec_generation)
-            wanted = constraints.get(generation)
-            if wanted is None:
-                wanted = constraints[generation] = constraints_of(task.spec)
-            broken = next((c for c in wanted if not c.holds(node.labels)), None) if wanted else None
-            if broken is not None:
-                reason = f"node {node.name} no longer meets constraint {broken}"
-                out.append(Replacement(key=key, old=task, retire=True, reason=reason))
+        else:
+            service = services[task.service]
+            at_most_one = service.spec.on_disconnect == pb.ON_DISCONNECT_STOP
+            if at_most_one and task.spec_generation != service.generation:
+                reason = f"service updated to generation {service.generation}"
+                out.append(
+                    Replacement(
+                        key=key, old=task, retire=False, reason=reason, stop_first=True, regardless=True
+                    )
+                )
+                continue
+            reason = ""
+            if node.availability == pb.NODE_AVAILABILITY_DRAIN:
+                reason = f"node {node.name} draining"
+            else:
+                generation = (task.service, task.spec_generation)
+                wanted = constraints.get(generation)
+                if wanted is None:
+                    wanted = constraints[generation] = constraints_of(task.spec)
+                broken = next((c for c in wanted if not c.holds(node.labels)), None) if wanted else None
+                if broken is not None:
+                    reason = f"node {node.name} no longer meets constraint {broken}"
+            if reason:
+                out.append(
+                    Replacement(
+                        key=key, old=task, retire=not at_most_one, reason=reason, stop_first=at_most_one
+                    )
+                )
     return sorted(out, key=lambda r: (r.old.service, r.old.slot))

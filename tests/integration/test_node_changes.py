@@ -10,19 +10,13 @@ from collections.abc import Iterator
 import pytest
 
 from berth.controller import planning
-from berth.controller.agents import Session
-from berth.controller.cluster import Cluster
-from berth.controller.nodes import Liveness
-from berth.controller.store import Store
 from berth.proto.berth.v1 import agent_pb2
 from berth.proto.berth.v1 import types_pb2 as pb
+from tests.integration.drivenkit import CAPACITY, FakeClock, driven_cluster, register
 from tests.integration.etcd_server import etcd_server
 
 pytestmark = pytest.mark.integration
 TICK = 0.25  # the controller's liveness tick
-
-
-CAPACITY = pb.Resources(cpu_millis=2000, memory_bytes=4 << 30)
 
 
 @pytest.fixture(scope="module")
@@ -43,39 +37,6 @@ def scheduler_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(planning, "schedule", counted)
     return runs
-
-
-class FakeClock:
-    """The liveness clock, moved by the test (monotonic seconds)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def driven_cluster(etcd: str, prefix: str, clock: FakeClock | None = None) -> tuple[Store, Cluster]:
-    """A controller on real etcd with its loops stopped: the test drives passes and checks itself.
-    With ``clock``, node deadlines are 4 s on it and the at-most-one margin 2 s."""
-    store = Store(etcd, prefix)
-    if clock is None:
-        cluster = Cluster(store)
-    else:
-        cluster = Cluster(store, liveness=Liveness(deadline=4.0, clock=clock), margin=2.0)
-    await cluster.start()
-    await cluster.stop()
-    return store, cluster
-
-
-async def register(cluster: Cluster, *names: str) -> dict[str, Session]:
-    """Nodes that register with ``CAPACITY``; their agents' sessions by name."""
-    sessions = {}
-    for name in names:
-        sessions[name], _ = await cluster.register(
-            agent_pb2.Register(node_id=name, name=name, capacity=CAPACITY)
-        )
-    return sessions
 
 
 def test_a_silent_node_is_declared_down_at_the_first_tick_past_its_deadline(etcd: str) -> None:

@@ -104,35 +104,49 @@ def node(node_id: str, *, down: bool = False, drain: bool = False) -> pb.Node:
     )
 
 
-def service(name: str, at_most_one: bool = False) -> pb.Service:
+def service(name: str, at_most_one: bool = False, generation: int = 0) -> pb.Service:
     mode = pb.ON_DISCONNECT_STOP if at_most_one else pb.ON_DISCONNECT_KEEP
-    return pb.Service(spec=pb.ServiceSpec(name=name, replicas=1, on_disconnect=mode))
+    spec = pb.ServiceSpec(name=name, replicas=1, on_disconnect=mode)
+    return pb.Service(spec=spec, generation=generation)
 
 
 CASES = [
-    # id, node, at-most-one, silent seconds, expect replacement, expect retire
-    ("ready-node", node("n"), False, 0.0, False, False),
-    ("down-node", node("n", down=True), False, 4.1, True, False),
-    ("down-at-most-one-inside-margin", node("n", down=True), True, 5.0, False, False),
-    ("down-at-most-one-after-margin", node("n", down=True), True, 6.5, True, False),
-    ("draining-node", node("n", drain=True), False, 0.0, True, True),
-    ("down-and-draining", node("n", down=True, drain=True), False, 4.5, True, False),
+    # id, node, at-most-one, updated, silent seconds, expect replacement, expect retire, stop first
+    ("ready-node", node("n"), False, False, 0.0, False, False, False),
+    ("down-node", node("n", down=True), False, False, 4.1, True, False, False),
+    ("down-at-most-one-inside-margin", node("n", down=True), True, False, 5.0, False, False, False),
+    ("down-at-most-one-after-margin", node("n", down=True), True, False, 6.5, True, False, False),
+    ("draining-node", node("n", drain=True), False, False, 0.0, True, True, False),
+    ("down-and-draining", node("n", down=True, drain=True), False, False, 4.5, True, False, False),
+    # at-most-one on a node that is up moves stop first: two copies must never run at once
+    ("draining-at-most-one", node("n", drain=True), True, False, 0.0, True, False, True),
+    ("updated-at-most-one", node("n"), True, True, 0.0, True, False, True),
+    ("updated-at-most-one-down-inside-margin", node("n", down=True), True, True, 5.0, False, False, False),
+    ("updated-at-most-one-down-after-margin", node("n", down=True), True, True, 6.5, True, False, False),
+    # any other update is done by the reconciler, not here
+    ("updated-keep", node("n"), False, True, 0.0, False, False, False),
 ]
 
 
 @pytest.mark.parametrize(
-    ("n", "at_most_one", "silent", "replaced", "retire"),
+    ("n", "at_most_one", "updated", "silent", "replaced", "retire", "stop_first"),
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
 def test_plan_replacements(
-    n: pb.Node, at_most_one: bool, silent: float, replaced: bool, retire: bool
+    n: pb.Node,
+    at_most_one: bool,
+    updated: bool,
+    silent: float,
+    replaced: bool,
+    retire: bool,
+    stop_first: bool,
 ) -> None:
-    task = pb.Task(id="s.1.x", service="s", slot=1, node_id="n")
+    task = pb.Task(id="s.1.x", service="s", slot=1, node_id="n", spec_generation=1)
     out = plan_replacements(
         tasks={"k": task},
         nodes={"n": n},
-        services={"s": service("s", at_most_one)},
+        services={"s": service("s", at_most_one, generation=2 if updated else 1)},
         silent_for=lambda _: silent,
         deadline=4.0,
         margin=2.0,
@@ -140,6 +154,7 @@ def test_plan_replacements(
     assert bool(out) == replaced
     if out:
         assert out[0].retire == retire and out[0].old.id == "s.1.x"
+        assert out[0].stop_first == stop_first
 
 
 def test_unplaced_and_orphaned_tasks_are_not_replacements() -> None:
@@ -198,17 +213,18 @@ def test_a_task_on_a_node_that_no_longer_meets_its_constraints_is_moved(
         assert out[0].reason.startswith("node n no longer meets constraint zone")
 
 
-def test_an_at_most_one_task_is_not_moved_automatically_off_a_relabelled_node() -> None:
+def test_an_at_most_one_task_moves_off_a_relabelled_node_stop_first() -> None:
     """A replacement-first move would run two copies for a moment, which ``on_disconnect: stop``
-    promises never to do: such a task stays (drain it to move it)."""
+    promises never to do: such a task moves stop first."""
     n = node("n")
     n.labels["zone"] = "us"
     out = plan_replacements(
         tasks={"k": constrained(pb.Constraint(key="zone", op="==", value="eu"))},
         nodes={"n": n},
-        services={"s": service("s", at_most_one=True)},
+        services={"s": service("s", at_most_one=True, generation=1)},
         silent_for=lambda _: 0.0,
         deadline=4.0,
         margin=2.0,
     )
-    assert out == []
+    assert [(r.retire, r.stop_first) for r in out] == [(False, True)]
+    assert out[0].reason.startswith("node n no longer meets constraint zone")

@@ -70,6 +70,22 @@ def test_new_generation_replaces_every_task() -> None:
     assert all(not t.id.endswith("old") for _, t in result.put)
 
 
+def test_an_at_most_one_update_leaves_placed_tasks_to_the_stop_first_move() -> None:
+    """An at-most-one service's old task that runs on a node is not replaced here (the old copy
+    would be stopped in the same pass that starts the new one): the scheduling step moves it stop
+    first. An old task with no node, or on a node that is gone, has no copy to wait for."""
+    old = service("db", 3, generation=1)
+    old.spec.on_disconnect = pb.ON_DISCONNECT_STOP
+    new = service("db", 3, generation=2)
+    new.spec.on_disconnect = pb.ON_DISCONNECT_STOP
+    tasks = {key("db", i): new_task(old, i, task_id=f"db.{i}.old", now=1) for i in (1, 2, 3)}
+    tasks[key("db", 1)].node_id = "n1"  # runs on a node that is there
+    tasks[key("db", 2)].node_id = "gone"  # its node was removed
+    result = run({"db": new}, tasks, nodes={"n1"})
+    assert sorted(k for k, _ in result.put) == [key("db", 2), key("db", 3)]
+    assert {t.spec_generation for _, t in result.put} == {2}
+
+
 def test_removed_service_deletes_its_tasks() -> None:
     svc = service("web", 2)
     tasks = {key("web", i): new_task(svc, i, task_id=f"web.{i}.x", now=1) for i in (1, 2)}

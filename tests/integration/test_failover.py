@@ -225,6 +225,44 @@ def test_at_most_one_never_runs_two_copies_of_a_slot_across_a_partition(
     wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
 
 
+def test_at_most_one_update_and_drain_never_run_two_copies_of_a_slot(
+    cluster: DevCluster, tmp_path: Path
+) -> None:
+    """Stop first: on an update and on a drain each old copy has stopped (runc shows it gone)
+    before its slot's new copy starts, on whatever host."""
+    apply(cluster, tmp_path, SOLO)
+    before = steady(cluster, "solo", 4)
+    with Sampler(cluster, "solo") as sampler:
+        apply(cluster, tmp_path, SOLO + "env: {RELEASE: '2'}\n")
+
+        def replaced() -> dict[str, tuple[str, int]] | None:
+            rows = all_running(cluster, "solo", 4)
+            real = of_service(containers(cluster), "solo")
+            if rows and set(real) == {r["id"] for r in rows} and not set(real) & set(before):
+                return real
+            return None
+
+        updated = wait_for(replaced, 120, "4 solo replicas of the new generation")
+        victim = busiest(updated)
+        berth(cluster, "node", "drain", victim)
+        wait_for(
+            lambda: (
+                (r := of_service(containers(cluster), "solo"))
+                and len(r) == 4
+                and victim not in {h for h, _ in r.values()}
+            ),
+            120,
+            f"all solo replicas off {victim}",
+        )
+    assert len(sampler.samples) > 20
+    for sample in sampler.samples:
+        slots = [t.split(".")[1] for t in sample]
+        assert len(slots) == len(set(slots)), f"two copies of a slot ran at once: {sorted(sample)}"
+    berth(cluster, "node", "activate", victim)
+    berth(cluster, "service", "rm", "solo")
+    wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
+
+
 def test_controller_and_agent_restarts_reschedule_nothing(cluster: DevCluster, tmp_path: Path) -> None:
     apply(cluster, tmp_path, WEB)
     before = steady(cluster, "web", 8)

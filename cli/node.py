@@ -53,7 +53,8 @@ def _set(node: str, availability: pb.NodeAvailability.ValueType, verb: str) -> N
 def drain(node: str = NODE) -> None:
     """Move every task off the node: each replacement starts elsewhere before the old one stops.
 
-    At-most-one services too: their two copies overlap until the old one has stopped."""
+    At-most-one services (on_disconnect: stop) move stop first: the old copy stops once another
+    node can take the new one, and the new one starts once the old one has stopped."""
     _set(node, pb.NODE_AVAILABILITY_DRAIN, "draining")
 
 

@@ -103,7 +103,8 @@ def create(
         "keep",
         "--on-disconnect",
         help="keep (run on; replaced elsewhere when the node is declared down) or stop "
-        "(at-most-one: the cut-off agent stops it before any replacement starts).",
+        "(at-most-one: the cut-off agent stops it before any replacement starts, and updates "
+        "and drains stop the old copy before the new one starts).",
     ),
     wait: bool = WAIT,
     timeout: float = TIMEOUT,

@@ -187,13 +187,18 @@ def start_etcd(procs: Processes) -> str:
 
 
 def start_controller(
-    procs: Processes, etcd: str, address: str, profile: str, max_heartbeats: float | None = None
+    procs: Processes,
+    etcd: str,
+    address: str,
+    profile: str,
+    max_heartbeats: float | None = None,
+    metrics_port: int | None = None,
 ) -> subprocess.Popen[bytes]:
     argv = [sys.executable]
     if profile == "cprofile":
         argv += ["-m", "cProfile", "-o", str(procs.work / "controller.cprofile")]
     argv += ["-m", "berth.controller", "--etcd", etcd, "--listen", address, "--prefix", PREFIX]
-    argv += ["--metrics-listen", f"127.0.0.1:{free_port()}"]  # metrics on, as in production
+    argv += ["--metrics-listen", f"127.0.0.1:{metrics_port or free_port()}"]  # metrics on, as in production
     if max_heartbeats is not None:
         argv += ["--max-heartbeats-per-second", str(max_heartbeats)]
     return procs.spawn("controller", argv)

@@ -13,11 +13,15 @@ repeats one cycle until ``--minutes`` have passed:
 2. scale it to half and wait until half run;
 3. remove it and wait until it has no task left;
 
-then reads the controller's resident memory (``VmRSS``, idle between cycles). Prints a line per
-cycle on stderr, a table on stdout and, as the last stdout line, one JSON object of figures: the
-RSS after the first and the last cycle, its peak, and its growth per hour fitted (least squares)
-over the second half of the cycles, when the first ones have warmed caches and pools. Needs only
-the ``etcd`` binary; everything is on loopback and removed at the end (``--keep`` keeps the logs).
+then, ``--settle`` seconds later (agents stop a removed service's tasks and report it in well
+under a second at these sizes), reads the controller's resident memory (``VmRSS``) and, from its
+metrics endpoint, how often the collector ran each generation (``python_gc_collections_total``):
+a flat memory line with no full (generation 2) collection in it would prove nothing about what
+collecting rarely costs. Prints a line per cycle on stderr, a table on stdout and, as the last
+stdout line, one JSON object of figures: the RSS after the first and the last cycle, its peak,
+its growth per hour fitted (least squares) over the second half of the cycles, when the first
+ones have warmed caches and pools, and the collections. Needs only the ``etcd`` binary;
+everything is on loopback and removed at the end (``--keep`` keeps the logs).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.scheduler import (
     Processes,
@@ -59,6 +65,7 @@ class Cycle:
     at_s: float  # since the first cycle began
     seconds: float
     rss_mb: float
+    gc_collections: list[int]  # by generation, since the controller started
 
 
 @dataclass(slots=True)
@@ -74,6 +81,7 @@ class Result:
     rss_max_mb: float | None = None
     rss_peak_mb: float = 0.0  # VmHWM: the highest it ever was, during cycles too
     rss_growth_mb_per_hour: float | None = None
+    gc_collections: list[int] = field(default_factory=list)  # by generation, over the cycles
     controller_cpu_s: float = 0.0
     note: str = ""
     history: list[Cycle] = field(default_factory=list)
@@ -94,6 +102,20 @@ def growth_per_hour(points: list[tuple[float, float]]) -> float | None:
     return slope * 3600
 
 
+def gc_collections(metrics_url: str) -> list[int]:
+    """``python_gc_collections_total`` of generations 0, 1 and 2 from the controller's metrics."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    with direct.open(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    found = [0, 0, 0]
+    for family in text_string_to_metric_families(text):
+        if family.name == "python_gc_collections":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    found[int(sample.labels["generation"])] = int(sample.value)
+    return found
+
+
 async def until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float) -> None:
     """Poll ``predicate`` every 0.2 s until it is true; TimeoutError names ``what``."""
     deadline = time.monotonic() + timeout
@@ -106,7 +128,9 @@ async def until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: fl
 async def run(args: argparse.Namespace, procs: Processes, result: Result) -> None:
     etcd = start_etcd(procs)
     address = f"127.0.0.1:{free_port()}"
-    ctl = start_controller(procs, etcd, address, "none")
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    ctl = start_controller(procs, etcd, address, "none", metrics_port=metrics_port)
     say(f"etcd at {etcd}, controller pid {ctl.pid} at {address}")
     argv = [sys.executable, "-m", "berth.agent.hollow", "--controller", address]
     argv += ["--count", str(args.nodes), "--connect-rate", "500"]
@@ -117,6 +141,7 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
         await wait_nodes_ready(api, args.nodes, 120, ctl)
         await asyncio.sleep(2)
         result.rss_idle_mb = round(proc_status(ctl.pid, "VmRSS") / 1024, 1)
+        collections0 = await asyncio.to_thread(gc_collections, metrics_url)
         cpu0 = cpu_seconds(ctl.pid)
         start = time.monotonic()
         end = start + args.minutes * 60
@@ -144,15 +169,21 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
             await until(lambda: running(half), f"{half} running", args.timeout)
             await api.RemoveService(cluster_pb2.RemoveServiceRequest(name=SERVICE), timeout=60)
             await until(gone, "no task left", args.timeout)
+            seconds = round(time.monotonic() - began, 2)
+            await asyncio.sleep(args.settle)
             cycle = Cycle(
                 at_s=round(time.monotonic() - start, 1),
-                seconds=round(time.monotonic() - began, 2),
+                seconds=seconds,
                 rss_mb=round(proc_status(ctl.pid, "VmRSS") / 1024, 1),
+                gc_collections=await asyncio.to_thread(gc_collections, metrics_url),
             )
             result.history.append(cycle)
             number = len(result.history)
             say(f"cycle {number} at {cycle.at_s:.0f} s: {cycle.seconds:.1f} s, rss {cycle.rss_mb} MB")
         result.controller_cpu_s = round(cpu_seconds(ctl.pid) - cpu0, 1)
+        if result.history:
+            last = result.history[-1].gc_collections
+            result.gc_collections = [n - n0 for n, n0 in zip(last, collections0, strict=True)]
         # the kernel updates the high-water mark lazily: it can trail an RSS read just before
         hwm = round(proc_status(ctl.pid, "VmHWM") / 1024, 1)
         result.rss_peak_mb = max([hwm, *(c.rss_mb for c in result.history)])
@@ -193,6 +224,7 @@ def table(result: Result) -> str:
             f"{fmt(result.rss_max_mb, ' MB')} / {fmt(result.rss_peak_mb, ' MB')}",
         ),
         ("RSS growth, second half", fmt(result.rss_growth_mb_per_hour, " MB/hour")),
+        ("GC runs, generation 0 / 1 / 2", " / ".join(str(n) for n in result.gc_collections) or "-"),
         ("controller CPU", fmt(result.controller_cpu_s, " s")),
     ]
     width = max(len(k) for k, _ in rows)
@@ -208,10 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=500, help="hollow agents")
     parser.add_argument("--replicas", type=int, default=10_000, help="replicas of the service each cycle")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up on one step after this long")
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds after a cycle before reading")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.nodes <= 0 or args.replicas <= 0:
-        parser.error("--minutes, --nodes and --replicas must be positive")
+    if args.minutes <= 0 or args.nodes <= 0 or args.replicas <= 0 or args.settle < 0:
+        parser.error("--minutes, --nodes and --replicas must be positive, --settle at least 0")
     work = Path(tempfile.mkdtemp(prefix="berth-bench-soak-"))
     procs = Processes(work)
     result = Result(nodes=args.nodes, replicas=args.replicas, minutes=args.minutes)

@@ -30,7 +30,15 @@ from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -168,6 +176,10 @@ class ControllerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # the process's memory, CPU and garbage collections, as every Python exporter has them:
+        # the controller holds the whole cluster in memory and collects cycles rarely (GC_THRESHOLD)
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.scheduling_attempts = Counter(
             "berth_scheduling_attempts",
             "Tasks the scheduler tried to place, by result (placed, pending).",

@@ -3,6 +3,7 @@ against a real controller and etcd, and its figures come from what it measured."
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -20,7 +21,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_short_soak_reports_its_cycles() -> None:
-    argv = [sys.executable, "-m", "bench.soak", "--minutes", "0.1", "--nodes", "10", "--replicas", "60"]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.soak",
+        "--minutes",
+        "0.1",
+        "--nodes",
+        "10",
+        "--replicas",
+        "60",
+        "--settle",
+        "0.5",
+    ]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -34,3 +47,10 @@ def test_short_soak_reports_its_cycles() -> None:
     assert figures["rss_max_mb"] == max(c["rss_mb"] for c in history)
     assert figures["rss_peak_mb"] >= figures["rss_max_mb"]
     assert figures["controller_cpu_s"] > 0
+    # the collector's runs come from the controller's metrics: counters, so they never go down
+    runs = [c["gc_collections"] for c in history]
+    assert all(len(r) == 3 for r in runs)
+    assert all(
+        b >= a for before, after in itertools.pairwise(runs) for a, b in zip(before, after, strict=True)
+    )
+    assert len(figures["gc_collections"]) == 3 and min(figures["gc_collections"]) >= 0

@@ -72,6 +72,28 @@ tasks = st.builds(
     st.lists(st.integers(1, 60000), max_size=2),
 )
 states = st.sampled_from([0, *pb.TaskState.values(), 99])  # 99: a number without a name
+word = st.text(min_size=1, max_size=12)
+placed_tasks = st.builds(  # the shape every placement writes: the encoder's fast path
+    lambda spec, tid, node, slot, gen, state, created, assigned: pb.Task(
+        id=tid,
+        service=spec.name or "s",
+        slot=slot,
+        spec_generation=gen,
+        spec=spec,
+        node_id=node,
+        desired_state=state,
+        created_at=created,
+        assigned_at=assigned,
+    ),
+    specs,
+    word,
+    word,
+    st.integers(1, 2**31),
+    st.integers(-(2**62), 2**62).filter(bool),
+    states.filter(bool),
+    st.floats(allow_nan=False, allow_infinity=False).filter(bool),
+    st.floats().filter(bool),
+)
 statuses = st.builds(
     lambda tid, node, state, msg, err, pid, ip, restarts, code, updated, started, digest: pb.TaskStatus(
         task_id=tid,
@@ -107,6 +129,12 @@ statuses = st.builds(
 def test_task_bytes_equal_json_format(task: pb.Task) -> None:
     assert encode(task) == reference(task)
     assert decode(encode(task), pb.Task) == task
+
+
+@settings(max_examples=300, deadline=None)
+@given(placed_tasks)
+def test_placed_task_bytes_equal_json_format(task: pb.Task) -> None:
+    assert encode(task) == reference(task)
 
 
 @settings(max_examples=300, deadline=None)

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from berth.agent.runtime import (
     ContainerRecord,
@@ -128,21 +129,31 @@ class TaskRunner:
     def start(self) -> None:
         self._main = asyncio.create_task(self._run(), name=f"task-{self.task.id}")
 
-    async def shutdown(self, grace: float = 10.0) -> None:
-        """Stop the container (SIGTERM, SIGKILL after ``grace``) and remove everything it had."""
+    async def shutdown(self, grace: float = 10.0) -> bool:
+        """Stop the container (SIGTERM, SIGKILL after ``grace``) and remove everything it had.
+        True (and SHUTDOWN reported) once it no longer runs; False (and FAILED reported) when
+        neither the stop nor the removal (which kills what is left) could make sure of it: a
+        stop-first successor starts on a SHUTDOWN report, so it is never sent on a guess."""
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._main
+        stopped, error = True, ""
         try:
             await self.runtime.stop(self.task.id, grace)
         except RuntimeFailure as exc:
             log.warning("stop failed task=%s: %s", self.task.id, exc)
+            stopped, error = False, f"stop failed: {exc.reason}"
         try:
             await self.runtime.remove(self.task.id)
+            stopped = True
         except RuntimeFailure as exc:
             log.error("remove failed task=%s: %s", self.task.id, exc)
-        self._report(pb.TASK_STATE_SHUTDOWN, "stopped and removed")
+        if stopped:
+            self._report(pb.TASK_STATE_SHUTDOWN, "stopped and removed")
+        else:
+            self._report(pb.TASK_STATE_FAILED, "it may still run", error=error)
+        return stopped
 
     async def _run(self) -> None:
         if self.adopt is not None and self.adopt.running is not None:
@@ -255,6 +266,10 @@ class TaskRunner:
             await asyncio.sleep(delay)
 
 
+def _at_most_one(task: pb.Task) -> bool:
+    return task.spec.on_disconnect == pb.ON_DISCONNECT_STOP
+
+
 class TaskManager:
     """Holds the runners; applies full and incremental assignments from the controller."""
 
@@ -274,8 +289,11 @@ class TaskManager:
         self.report = report
         self.runners: dict[str, TaskRunner] = {}
         self._found: dict[str, ContainerRecord] = {}
-        self._stopping: set[asyncio.Task[None]] = set()
-        self._stopping_ids: set[str] = set()  # tasks whose stop is under way
+        self._stopping: set[asyncio.Task[bool]] = set()
+        self._stops: dict[str, asyncio.Task[bool]] = {}  # task id -> its stop under way
+        self._at_most_one_stops: set[str] = set()  # of those, tasks of at-most-one services
+        self._unstopped: set[str] = set()  # a stop failed: the container may still run
+        self._report_stopped_for: set[str] = set()  # SHUTDOWN to report when the stop succeeds
 
     async def recover(self) -> list[pb.TaskStatus]:
         """Find containers left by an earlier agent process; they keep running until the first
@@ -317,7 +335,9 @@ class TaskManager:
         for task_id in doomed:
             runner = self.runners.pop(task_id, None)
             if runner is not None:
-                self._background(runner.shutdown(), task_id)
+                self._background(
+                    runner.shutdown(), task_id, at_most_one=_at_most_one(runner.task), reports=True
+                )
         for task_id, task in wanted.items():
             if task.desired_state == pb.TASK_STATE_SHUTDOWN:
                 self._stop_for_good(task)
@@ -338,23 +358,33 @@ class TaskManager:
 
     async def stop_on_disconnect(self, grace: float = 1.0) -> int:
         """Cut off from the controller: stop and remove the containers of at-most-one services
-        now (short grace: the controller starts their replacements after deadline + margin)."""
-        doomed = [r for r in self.runners.values() if r.task.spec.on_disconnect == pb.ON_DISCONNECT_STOP]
+        now (short grace: the controller starts their replacements after deadline + margin),
+        and cut short the stops of such containers already under way (a stop-first move asks
+        for the full grace, which the margin does not cover)."""
+        doomed = [r for r in self.runners.values() if _at_most_one(r.task)]
+        hurried = [self._stops[tid] for tid in self._at_most_one_stops if tid in self._stops]
+        kills = [self.runtime.stop(tid, grace) for tid in self._at_most_one_stops if tid in self._stops]
         for runner in doomed:
             self.runners.pop(runner.task.id, None)
-        await asyncio.gather(*(r.shutdown(grace) for r in doomed), return_exceptions=True)
-        return len(doomed)
+            self._background(runner.shutdown(grace), runner.task.id, at_most_one=True, reports=True)
+        stops = [self._stops[r.task.id] for r in doomed]
+        await asyncio.gather(*kills, *stops, *hurried, return_exceptions=True)
+        return len(doomed) + len(hurried)
 
     def _stop_for_good(self, task: pb.Task) -> None:
         """Stop a task the controller wants stopped, and report SHUTDOWN once nothing of it runs:
-        right away if nothing does (it was stopped before, or never started here)."""
-        if task.id in self._stopping_ids:
-            return  # under way: its end reports
+        right away if nothing does (it was stopped before, or never started here); never while a
+        stop is under way or after one failed (the container may still run)."""
+        if task.id in self._stops:
+            self._report_stopped_for.add(task.id)  # under way: its end reports
+            return
         runner = self.runners.pop(task.id, None)
         if runner is not None:
-            self._background(runner.shutdown(), task.id)  # reports SHUTDOWN when done
-        elif task.id in self._found:
-            self._background(self._remove_found(task.id, report=True), task.id)
+            self._background(runner.shutdown(), task.id, at_most_one=_at_most_one(task), reports=True)
+        elif task.id in self._found or task.id in self._unstopped:
+            self._found.pop(task.id, None)
+            self._report_stopped_for.add(task.id)
+            self._background(self._remove_found(task.id), task.id, at_most_one=_at_most_one(task))
         else:
             self._report_stopped(task.id, "not running")
 
@@ -370,30 +400,62 @@ class TaskManager:
         )
 
     def _remove_orphan(self, task_id: str) -> None:
-        self._background(self._remove_found(task_id, report=False), task_id)
-
-    async def _remove_found(self, task_id: str, *, report: bool) -> None:
         self._found.pop(task_id, None)
+        self._background(self._remove_found(task_id), task_id, at_most_one=False)
+
+    async def _remove_found(self, task_id: str) -> bool:
+        """Stop and remove a container no runner holds; True once it no longer runs."""
         log.info("removing container no longer assigned task=%s", task_id)
-        with contextlib.suppress(RuntimeFailure):
+        stopped = True
+        try:
             await self.runtime.stop(task_id)
-        with contextlib.suppress(RuntimeFailure):
-            await self.runtime.remove(task_id)
-        if report:
-            self._report_stopped(task_id, "stopped and removed")
+        except RuntimeFailure as exc:
+            log.warning("stop failed task=%s: %s", task_id, exc)
+            stopped = False
+        try:
+            await self.runtime.remove(task_id)  # kills what is left
+            stopped = True
+        except RuntimeFailure as exc:
+            log.error("remove failed task=%s: %s", task_id, exc)
+        return stopped
 
-    def _background(self, coro: object, task_id: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _background(
+        self, stop: Coroutine[Any, Any, bool], task_id: str, *, at_most_one: bool, reports: bool = False
+    ) -> None:
+        """Run a stop; remember it under its task id until it ends, and what it ended in.
+        ``reports``: the stop reports its own outcome (a runner's shutdown)."""
+        previous = self._stops.get(task_id)
+        task = asyncio.create_task(self._after(previous, stop))
         self._stopping.add(task)
-        self._stopping_ids.add(task_id)
+        self._stops[task_id] = task
+        if at_most_one:
+            self._at_most_one_stops.add(task_id)
 
-        def done(finished: asyncio.Task[None]) -> None:
+        def done(finished: asyncio.Task[bool]) -> None:
             self._stopping.discard(finished)
-            if not any(t is not finished and t.get_name() == task_id for t in self._stopping):
-                self._stopping_ids.discard(task_id)
+            if self._stops.get(task_id) is not finished:
+                return  # a later stop of the same task took over; it reports
+            del self._stops[task_id]
+            self._at_most_one_stops.discard(task_id)
+            stopped = not finished.cancelled() and finished.exception() is None and finished.result()
+            if not stopped:
+                self._unstopped.add(task_id)
+                self._report_stopped_for.discard(task_id)
+                return
+            self._unstopped.discard(task_id)
+            if task_id in self._report_stopped_for:
+                self._report_stopped_for.discard(task_id)
+                if not reports:
+                    self._report_stopped(task_id, "stopped and removed")
 
-        task.set_name(task_id)
         task.add_done_callback(done)
+
+    @staticmethod
+    async def _after(previous: asyncio.Task[bool] | None, stop: Coroutine[Any, Any, bool]) -> bool:
+        if previous is not None:  # one stop of a task at a time, in order
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(previous)
+        return await stop
 
     async def close(self) -> None:
         """Agent shutdown: stop supervising but leave containers running (they are re-adopted)."""

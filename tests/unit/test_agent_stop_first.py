@@ -8,21 +8,40 @@ from __future__ import annotations
 import asyncio
 
 from berth.agent.hollow import HollowRuntime
+from berth.agent.runtime import ContainerError
 from berth.agent.tasks import TaskManager
 from berth.proto.berth.v1 import types_pb2 as pb
 
 
 class GatedStops(HollowRuntime):
-    """Stops wait for ``release``: a container that takes its time to stop."""
+    """A container that takes its time to stop: a stop waits for ``release``, unless it asks for
+    a grace of a second or less (a SIGKILL soon after: an at-most-one watchdog stop) or another
+    stop has killed the container meanwhile. ``hold_all`` makes short stops wait too; ``broken``
+    makes stop and remove fail while set."""
 
     def __init__(self) -> None:
         super().__init__("host-1", record_calls=True)
         self.release = asyncio.Event()
+        self.hold_all = False
+        self.broken = False
 
     async def stop(self, task_id: str, timeout: float = 10.0) -> None:
         self._record("stop-begun", task_id)
-        await self.release.wait()
+        if self.broken:
+            raise ContainerError(f"container {task_id} did not die after SIGKILL")
+        container = self._containers.get(task_id)
+        if (timeout > 1.0 or self.hold_all) and container is not None and container.running is not None:
+            released = asyncio.ensure_future(self.release.wait())
+            killed = asyncio.ensure_future(container.exited.wait())
+            await asyncio.wait({released, killed}, return_when=asyncio.FIRST_COMPLETED)
+            released.cancel()
+            killed.cancel()
         await super().stop(task_id, timeout)
+
+    async def remove(self, task_id: str) -> None:
+        if self.broken:
+            raise ContainerError(f"container {task_id} did not die after SIGKILL")
+        await super().remove(task_id)
 
 
 def task(task_id: str, desired: pb.TaskState.ValueType = pb.TASK_STATE_RUNNING) -> pb.Task:
@@ -108,5 +127,91 @@ def test_after_an_agent_restart_a_recovered_container_told_to_stop_is_stopped_th
         assert runtime.running == set()
         assert shutdowns(reports, "db.1.a") == 1
         assert runtime.calls["start"] == 1  # the restarted agent never started it
+
+    asyncio.run(scenario())
+
+
+def test_cut_off_mid_stop_the_watchdog_kills_it_within_its_short_grace() -> None:
+    """A stop-first stop asks for the full grace, which the controller's margin does not cover:
+    when the agent is cut off meanwhile, its watchdog cuts the stop short, as for a running
+    at-most-one container, and returns only once the container is gone."""
+
+    async def scenario() -> None:
+        runtime = GatedStops()
+        tasks, reports = manager(runtime)
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)
+        await settle()
+        assert runtime.running == {"db.1.a"}  # waiting out its grace
+        assert await asyncio.wait_for(tasks.stop_on_disconnect(), 5) == 1
+        assert runtime.running == set()
+        assert shutdowns(reports, "db.1.a") == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_watchdog_stop_under_way_is_not_reported_stopped_on_reconnect() -> None:
+    async def scenario() -> None:
+        runtime = GatedStops()
+        runtime.hold_all = True  # the watchdog's own stop takes a moment too
+        tasks, reports = manager(runtime)
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        watchdog = asyncio.create_task(tasks.stop_on_disconnect())
+        await settle()
+        # the agent reconnects while the container still stops; meanwhile the controller moved
+        # the task stop first, so the full assignment says SHUTDOWN
+        tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=True)
+        await settle()
+        assert runtime.running == {"db.1.a"} and shutdowns(reports, "db.1.a") == 0
+        runtime.release.set()
+        await watchdog
+        await settle()
+        assert runtime.running == set() and shutdowns(reports, "db.1.a") >= 1
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_stop_is_not_reported_stopped_and_is_tried_again_when_asked_again() -> None:
+    async def scenario() -> None:
+        runtime = GatedStops()
+        tasks, reports = manager(runtime)
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        runtime.broken = True  # e.g. a process stuck in uninterruptible sleep
+        tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)
+        await settle()
+        assert shutdowns(reports, "db.1.a") == 0
+        assert [r.state for r in reports if r.task_id == "db.1.a"][-1] == pb.TASK_STATE_FAILED
+        tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=True)  # asked again: still stuck
+        await settle()
+        assert shutdowns(reports, "db.1.a") == 0
+        runtime.broken = False
+        runtime.release.set()
+        tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=True)
+        await settle()
+        assert runtime.running == set() and shutdowns(reports, "db.1.a") == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_container_being_removed_as_an_orphan_is_reported_once_that_removal_ends() -> None:
+    async def scenario() -> None:
+        runtime = GatedStops()
+        first, _ = manager(runtime)
+        first.apply([task("db.1.a")], [], full=True)
+        await settle()
+        await first.close()
+        restarted, reports = manager(runtime)
+        await restarted.recover()
+        restarted.apply([], [], full=True)  # not assigned: removed as an orphan (it takes a while)
+        await settle()
+        restarted.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=True)
+        await settle()
+        assert runtime.running == {"db.1.a"} and shutdowns(reports, "db.1.a") == 0
+        runtime.release.set()
+        await settle()
+        assert runtime.running == set() and shutdowns(reports, "db.1.a") == 1
 
     asyncio.run(scenario())

@@ -37,6 +37,7 @@ from berth.controller.planning import (
     Snapshot,
     Work,
     held_reason,
+    held_slots,
     needs_new_tasks,
     preview,
     scheduling_step,
@@ -72,6 +73,10 @@ def _new_task_id(service: str, slot: int) -> str:
 
 
 _node_id = operator.attrgetter("node_id")
+
+
+def _at_most_one(task: pb.Task) -> bool:
+    return task.spec.on_disconnect == pb.ON_DISCONNECT_STOP
 
 
 def _service_slot(task: pb.Task) -> tuple[str, int]:
@@ -267,6 +272,23 @@ class Cluster:
             self.hub.send(node_id, message)
         return True
 
+    def _let_go_ops(self, key: str, task: pb.Task) -> list[Op]:
+        """Forget a task that is no longer wanted (scaled away, its service removed). An
+        at-most-one task placed on a node is not forgotten while it may run: it retires with
+        desired state SHUTDOWN, like a stop-first move, so that its slot, if wanted again before
+        it has stopped (scaled back up, the service created again), waits for it."""
+        if not task.node_id or not _at_most_one(task):
+            return self._delete_task_ops(key, task)
+        if task.desired_state == pb.TASK_STATE_SHUTDOWN:
+            return []  # already told to stop; dropped once it has
+        stopping = pb.Task()
+        stopping.CopyFrom(task)
+        stopping.desired_state = pb.TASK_STATE_SHUTDOWN
+        retiring = self.keys.retiring_task(task.id)
+        if key == retiring:
+            return [self.state.put(retiring, stopping)]
+        return [replace(self.state.delete(key), with_next=True), self.state.put(retiring, stopping)]
+
     def _delete_task_ops(self, key: str, task: pb.Task) -> list[Op]:
         ops: list[Op] = [self.state.delete(key)]
         if task.id in self.state.statuses:
@@ -349,10 +371,10 @@ class Cluster:
                 raise NotFoundError(f"service {name!r} not found; `berth service ls` lists services")
             ops: list[Op] = [self.state.delete(self.keys.service(name))]
             for key, task in self.state.tasks_of(name):
-                ops += self._delete_task_ops(key, task)
+                ops += self._let_go_ops(key, task)
             for task_id, stored in list(self.state.retiring.items()):
                 if stored.value.service == name:
-                    ops += self._delete_task_ops(self.keys.retiring_task(task_id), stored.value)
+                    ops += self._let_go_ops(self.keys.retiring_task(task_id), stored.value)
             await self._commit(ops)
         self.events.publish("service-removed", service=name)
 
@@ -760,7 +782,7 @@ class Cluster:
                 if old is not None and old.value.id != task.id and old.value.id in self.state.statuses:
                     ops.append(self.state.delete(self.keys.status(old.value.id)))
             for key in result.delete:
-                ops += self._delete_task_ops(key, self.state.tasks[key].value)
+                ops += self._let_go_ops(key, self.state.tasks[key].value)
             if result.put or result.delete:
                 log.info("reconciled created_or_replaced=%d removed=%d", len(result.put), len(result.delete))
             await self._retire_replaced()
@@ -775,9 +797,8 @@ class Cluster:
             current = self.state.value_of(self.keys.task(old.service, old.slot))
             node = self.state.nodes.get(old.node_id)
             if old.desired_state == pb.TASK_STATE_SHUTDOWN:
+                # (not when its slot is gone: wanted again, the slot must still wait for it)
                 why = self._stopped(old, node.value if node else None)
-                if current is None:
-                    why = why or "its slot is gone"
             else:
                 done = current is None or (current.id != old.id and self.state.is_running(current))
                 gone = node is None or node.value.state == pb.NODE_STATE_DOWN
@@ -873,25 +894,25 @@ class Cluster:
             new_id=_new_task_id,
             worth_planning=worth_planning if fruitless is not None else None,
         )
+        moved: list[tuple[Replacement, pb.Task]] = []
         for r, new in step.stops.values():  # at-most-one updates: the old spec must go
             ops += self._stop_first(r, new)
-            self.events.publish(
-                "task-replaced",
-                f"{r.reason}: replaced by {new.id} once it has stopped",
-                node_id=r.old.node_id,
-                node=self._node_name(r.old.node_id),
-                service=r.old.service,
-                task=r.old.id,
-            )
+            moved.append((r, new))
+        held = held_slots(snap.retiring)
+        for key, task in list(fresh.items()):
+            old_id = held.get((task.service, task.slot))
+            if old_id is not None:  # made while its slot's old task still stops: it waits too
+                ops.append(self.state.put(key, placement.with_reason(task, held_reason(old_id))))
+                del fresh[key]
         if step.plan is None:
             if not step.replacements:
                 self._kept.clear()  # no task waits for a replacement
             ops += [self.state.put(key, task) for key, task in fresh.items()]
             await self._commit(ops)
+            self._publish_moves(moved)
             return
         plan, pending, replacements = step.plan, step.pending, step.replacements
         before = len(ops)
-        moved: list[tuple[Replacement, pb.Task]] = []
         # written node by node: a transaction then holds the tasks of a few nodes, and as it
         # commits those agents get all their new work in one message and start on it
         for p in sorted(plan.placements, key=_node_id):
@@ -959,12 +980,15 @@ class Cluster:
                 service=placed_task.service if placed_task else "",
                 task=p.task_id,
             )
+        self._publish_moves(moved)
+
+    def _publish_moves(self, moved: Sequence[tuple[Replacement, pb.Task]]) -> None:
         for r, new in moved:
             self.events.publish(
                 "task-replaced",
                 f"{r.reason}: replaced by {new.id}" + (" once it has stopped" if r.stop_first else ""),
                 node_id=r.old.node_id,
-                node=names.get(r.old.node_id, ""),
+                node=self._node_name(r.old.node_id),
                 service=r.old.service,
                 task=r.old.id,
             )

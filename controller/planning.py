@@ -186,10 +186,21 @@ def preview(
     response = cluster_pb2.PlanResponse()
     placed_now: dict[str, str] = {}  # task id -> node, for pending tasks placed now
     moved: dict[str, str] = {}  # task key -> node, for slots whose replacement is placed now
+    stopping: set[str] = set()  # task keys of slots moving stop first: their new task waits
     if step.plan is not None:
         for p in step.plan.placements:
             if p.task_id in step.replacements:
                 replaced = step.replacements[p.task_id][0]
+                if replaced.stop_first:  # the old task stops now, the new one is placed after
+                    stopping.add(replaced.key)
+                    if replaced.old.service in wanted:
+                        removed.append(replaced.old.id)
+                        response.pending.add(
+                            service=replaced.old.service,
+                            slot=replaced.old.slot,
+                            reason=held_reason(replaced.old.id),
+                        )
+                    continue
                 moved[replaced.key] = p.node_id
                 if replaced.old.service in wanted:
                     removed.append(replaced.old.id)  # stopped once its replacement runs
@@ -209,7 +220,6 @@ def preview(
         if task.service in wanted and not task.node_id and old_id is not None:
             # its predecessor is stopping (a stop-first move): it is placed once that is done
             response.pending.add(service=task.service, slot=task.slot, reason=held_reason(old_id))
-    stopping = set()
     for r, _ in step.stops.values():  # an at-most-one update: stopped now, replaced after
         stopping.add(r.key)
         if r.old.service in wanted:

@@ -220,3 +220,98 @@ def test_plan_shows_the_update_as_a_stop_and_a_wait(etcd: str) -> None:
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_second_update_during_a_stop_waits_too_and_is_written_once(etcd: str) -> None:
+    async def go() -> None:
+        store, cluster = await driven_cluster(etcd, "/sf-twice/")
+        sessions = await register(cluster, "a", "b")
+        old = await running_db(cluster, sessions)
+        await cluster.apply_service(db(image="postgres:17"))
+        await cluster.reconcile_once()
+        await cluster.apply_service(db(image="postgres:18"))
+        await cluster.reconcile_once()
+        key = store.keys.task("db", 1)
+        waiting = cluster.state.tasks[key].value
+        assert waiting.spec.image == "postgres:18" and not waiting.node_id
+        assert waiting.pending_reason == f"waiting for {old.id} to stop first"
+        await cluster.reconcile_once()  # nothing to redo while it waits
+        assert cluster.state.tasks[key].value.id == waiting.id
+        assert started(sessions) == []
+        await report(cluster, sessions[old.node_id], old.id, pb.TASK_STATE_SHUTDOWN)
+        await cluster.reconcile_once()
+        assert [task_id for _, task_id in started(sessions)] == [waiting.id]
+        assert (await store.load()).tasks[key].value.spec.image == "postgres:18"
+        await store.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("how", ["scale", "remove"])
+def test_a_slot_wanted_again_while_its_old_task_stops_waits_for_it(etcd: str, how: str) -> None:
+    """Scaled to 0 and back, or removed and created again, before the old copy has stopped: the
+    old task is not forgotten while it may run, and the slot's new task waits for it."""
+
+    async def go() -> None:
+        store, cluster = await driven_cluster(etcd, f"/sf-again-{how}/")
+        sessions = await register(cluster, "a", "b")
+        old = await running_db(cluster, sessions)
+        if how == "scale":
+            await cluster.scale_service("db", 0)
+            await cluster.reconcile_once()
+        else:
+            await cluster.remove_service("db")
+        told = [t for t in sent(sessions[old.node_id]) if t.id == old.id]
+        assert [t.desired_state for t in told] == [pb.TASK_STATE_SHUTDOWN]
+        if how == "scale":
+            await cluster.scale_service("db", 1)
+        else:
+            await cluster.create_service(db())
+        await cluster.reconcile_once()
+        await cluster.reconcile_once()
+        assert started(sessions) == []
+        waiting = cluster.state.tasks[store.keys.task("db", 1)].value
+        assert waiting.pending_reason == f"waiting for {old.id} to stop first"
+        await report(cluster, sessions[old.node_id], old.id, pb.TASK_STATE_SHUTDOWN)
+        await cluster.reconcile_once()
+        assert [task_id for _, task_id in started(sessions)] == [waiting.id]
+        assert cluster.state.retiring == {}
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_stop_reported_from_another_node_does_not_count(etcd: str) -> None:
+    async def go() -> None:
+        store, cluster = await driven_cluster(etcd, "/sf-other/")
+        sessions = await register(cluster, "a", "b")
+        old = await running_db(cluster, sessions)
+        other = "b" if old.node_id == "a" else "a"
+        await cluster.apply_service(db(image="postgres:17"))
+        await cluster.reconcile_once()
+        await report(cluster, sessions[other], old.id, pb.TASK_STATE_SHUTDOWN)
+        await cluster.reconcile_once()
+        assert started(sessions) == [] and list(cluster.state.retiring) == [old.id]
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_plan_shows_a_stop_first_drain_as_a_stop_and_a_wait(etcd: str) -> None:
+    async def go() -> None:
+        store, cluster = await driven_cluster(etcd, "/sf-plan-drain/")
+        sessions = await register(cluster, "a", "b")
+        old = await running_db(cluster, sessions)
+        # drained while the loop is stopped: the plan says what the next pass will do
+        await cluster.set_availability(old.node_id, pb.NODE_AVAILABILITY_DRAIN)
+        response = await cluster.plan([db()])
+        assert list(response.removed) == [old.id]
+        assert [(p.service, p.slot, p.reason) for p in response.pending] == [
+            ("db", 1, f"waiting for {old.id} to stop first")
+        ]
+        assert list(response.placements) == []
+        await cluster.reconcile_once()
+        assert started(sessions) == [] and list(cluster.state.retiring) == [old.id]
+        await store.close()
+
+    asyncio.run(go())

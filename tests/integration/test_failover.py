@@ -229,11 +229,14 @@ def test_at_most_one_update_and_drain_never_run_two_copies_of_a_slot(
     cluster: DevCluster, tmp_path: Path
 ) -> None:
     """Stop first: on an update and on a drain each old copy has stopped (runc shows it gone)
-    before its slot's new copy starts, on whatever host."""
-    apply(cluster, tmp_path, SOLO)
+    before its slot's new copy starts, on whatever host. The containers ignore SIGTERM, so each
+    stop takes the whole grace (then SIGKILL): a replacement started early would overlap it for
+    seconds, not milliseconds."""
+    stubborn = SOLO + "args: [sh, -c, \"trap '' TERM; while :; do sleep 1; done\"]\n"
+    apply(cluster, tmp_path, stubborn)
     before = steady(cluster, "solo", 4)
     with Sampler(cluster, "solo") as sampler:
-        apply(cluster, tmp_path, SOLO + "env: {RELEASE: '2'}\n")
+        apply(cluster, tmp_path, stubborn + "env: {RELEASE: '2'}\n")
 
         def replaced() -> dict[str, tuple[str, int]] | None:
             rows = all_running(cluster, "solo", 4)

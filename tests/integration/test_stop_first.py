@@ -163,7 +163,8 @@ def test_a_stopping_task_on_a_node_that_goes_down_is_let_go_after_the_margin(etc
         await cluster.apply_service(db(image="postgres:17"))
         await cluster.reconcile_once()
         # the old task's node falls silent before it reports: its agent's watchdog stops the task
-        # by the deadline; the controller waits out the margin too
+        # by the deadline, cutting short a stop under way (tests/unit/test_agent_stop_first.py);
+        # the controller waits out the margin too
         clock.now += 1.0
         cluster.heard(sessions[other])
         clock.now += 3.5

@@ -292,7 +292,8 @@ class TaskManager:
         self._stopping: set[asyncio.Task[bool]] = set()
         self._stops: dict[str, asyncio.Task[bool]] = {}  # task id -> its stop under way
         self._at_most_one_stops: set[str] = set()  # of those, tasks of at-most-one services
-        self._unstopped: set[str] = set()  # a stop failed: the container may still run
+        self._unstopped: dict[str, tuple[int, bool]] = {}  # a stop failed: (attempts, at-most-one)
+        self._start_after_stop: dict[str, pb.Task] = {}  # wanted again while its stop ends
         self._report_stopped_for: set[str] = set()  # SHUTDOWN to report when the stop succeeds
 
     async def recover(self) -> list[pb.TaskStatus]:
@@ -332,7 +333,10 @@ class TaskManager:
             leftovers = set(self._found) - set(wanted)
             for task_id in leftovers:
                 self._remove_orphan(task_id)
+        if full:
+            doomed |= set(self._start_after_stop) - set(wanted)
         for task_id in doomed:
+            self._start_after_stop.pop(task_id, None)
             runner = self.runners.pop(task_id, None)
             if runner is not None:
                 self._background(
@@ -344,17 +348,26 @@ class TaskManager:
                 continue
             if task_id in self.runners:
                 continue
-            runner = TaskRunner(
-                task,
-                runtime=self.runtime,
-                node_id=self.node_id,
-                node_name=self.node_name,
-                report=self.report,
-                adopt=self._found.pop(task_id, None),
-                on_pull=self.on_pull,
-            )
-            self.runners[task_id] = runner
-            runner.start()
+            if task_id in self._stops:
+                # still stopping (a watchdog stop, say, and the controller wants it back): its
+                # removal would take the new container with it; start it once that stop ends
+                self._start_after_stop[task_id] = task
+                continue
+            self._start(task)
+
+    def _start(self, task: pb.Task) -> None:
+        task_id = task.id
+        runner = TaskRunner(
+            task,
+            runtime=self.runtime,
+            node_id=self.node_id,
+            node_name=self.node_name,
+            report=self.report,
+            adopt=self._found.pop(task_id, None),
+            on_pull=self.on_pull,
+        )
+        self.runners[task_id] = runner
+        runner.start()
 
     async def stop_on_disconnect(self, grace: float = 1.0) -> int:
         """Cut off from the controller: stop and remove the containers of at-most-one services
@@ -362,30 +375,41 @@ class TaskManager:
         and cut short the stops of such containers already under way (a stop-first move asks
         for the full grace, which the margin does not cover)."""
         doomed = [r for r in self.runners.values() if _at_most_one(r.task)]
-        hurried = [self._stops[tid] for tid in self._at_most_one_stops if tid in self._stops]
-        kills = [self.runtime.stop(tid, grace) for tid in self._at_most_one_stops if tid in self._stops]
+        under_way = [tid for tid in self._at_most_one_stops if tid in self._stops]
+        stuck = [tid for tid, (_, amo) in self._unstopped.items() if amo and tid not in self._stops]
+        hurried = [self._stops[tid] for tid in under_way]
+        # a second stop with the short grace kills what the first one still waits on
+        kills = [asyncio.ensure_future(self.runtime.stop(tid, grace)) for tid in (*under_way, *stuck)]
         for runner in doomed:
             self.runners.pop(runner.task.id, None)
+            self._start_after_stop.pop(runner.task.id, None)
             self._background(runner.shutdown(grace), runner.task.id, at_most_one=True, reports=True)
         stops = [self._stops[r.task.id] for r in doomed]
-        await asyncio.gather(*kills, *stops, *hurried, return_exceptions=True)
+        waits: list[asyncio.Future[Any]] = [*kills, *stops, *hurried]
+        if waits:
+            # waited for, not cancelled if it takes long (runc waits up to 10 s more after SIGKILL)
+            await asyncio.wait(waits, timeout=grace + 12.0)
+        for kill in kills:  # their outcome shows in the stops they cut short
+            if kill.done() and not kill.cancelled():
+                kill.exception()
         return len(doomed) + len(hurried)
 
     def _stop_for_good(self, task: pb.Task) -> None:
         """Stop a task the controller wants stopped, and report SHUTDOWN once nothing of it runs:
         right away if nothing does (it was stopped before, or never started here); never while a
         stop is under way or after one failed (the container may still run)."""
-        if task.id in self._stops:
-            self._report_stopped_for.add(task.id)  # under way: its end reports
-            return
+        self._start_after_stop.pop(task.id, None)
+        self._report_stopped_for.add(task.id)  # by whichever stop of it succeeds (once)
         runner = self.runners.pop(task.id, None)
-        if runner is not None:
+        if runner is not None:  # (after any stop under way: one stop of a task at a time)
             self._background(runner.shutdown(), task.id, at_most_one=_at_most_one(task), reports=True)
+        elif task.id in self._stops:
+            pass  # under way: its end reports
         elif task.id in self._found or task.id in self._unstopped:
             self._found.pop(task.id, None)
-            self._report_stopped_for.add(task.id)
             self._background(self._remove_found(task.id), task.id, at_most_one=_at_most_one(task))
         else:
+            self._report_stopped_for.discard(task.id)
             self._report_stopped(task.id, "not running")
 
     def _report_stopped(self, task_id: str, message: str) -> None:
@@ -438,23 +462,43 @@ class TaskManager:
             del self._stops[task_id]
             self._at_most_one_stops.discard(task_id)
             stopped = not finished.cancelled() and finished.exception() is None and finished.result()
-            if not stopped:
-                self._unstopped.add(task_id)
-                self._report_stopped_for.discard(task_id)
-                return
-            self._unstopped.discard(task_id)
-            if task_id in self._report_stopped_for:
-                self._report_stopped_for.discard(task_id)
-                if not reports:
-                    self._report_stopped(task_id, "stopped and removed")
+            if stopped:
+                self._unstopped.pop(task_id, None)
+                if task_id in self._report_stopped_for:
+                    self._report_stopped_for.discard(task_id)
+                    if not reports:
+                        self._report_stopped(task_id, "stopped and removed")
+            else:
+                # it may still run: tried again by itself, with backoff, whoever asks or not (and
+                # reported stopped then, if that was asked for)
+                attempts = self._unstopped.get(task_id, (0, at_most_one))[0] + 1
+                self._unstopped[task_id] = (attempts, at_most_one)
+                delay = RETRY_BACKOFF.delay(attempts)
+                asyncio.get_running_loop().call_later(delay, self._stop_again, task_id)
+            wanted = self._start_after_stop.pop(task_id, None)
+            if wanted is not None and task_id not in self.runners:
+                self._start(wanted)
 
         task.add_done_callback(done)
+
+    def _stop_again(self, task_id: str) -> None:
+        """Try a failed stop again, unless it was tried since or the task runs here again."""
+        found = self._unstopped.get(task_id)
+        if found is None or task_id in self._stops or task_id in self.runners:
+            return
+        self._background(self._remove_found(task_id), task_id, at_most_one=found[1])
 
     @staticmethod
     async def _after(previous: asyncio.Task[bool] | None, stop: Coroutine[Any, Any, bool]) -> bool:
         if previous is not None:  # one stop of a task at a time, in order
-            with contextlib.suppress(Exception, asyncio.CancelledError):
+            try:
                 await asyncio.shield(previous)
+            except asyncio.CancelledError:
+                if not previous.done():  # this stop was cancelled, not the one before it
+                    stop.close()
+                    raise
+            except Exception:  # the earlier stop's outcome is its own to report
+                pass
         return await stop
 
     async def close(self) -> None:

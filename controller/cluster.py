@@ -79,6 +79,17 @@ def _at_most_one(task: pb.Task) -> bool:
     return task.spec.on_disconnect == pb.ON_DISCONNECT_STOP
 
 
+def _told_to_stop(task: pb.Task) -> pb.Task:
+    """The task as it retires stop first: desired state SHUTDOWN, and marked at-most-one (its
+    service may just have become so in the update that stops it), so that the agent's watchdog
+    stops it when cut off, as the controller's deadline-and-margin rule for it assumes."""
+    out = pb.Task()
+    out.CopyFrom(task)
+    out.desired_state = pb.TASK_STATE_SHUTDOWN
+    out.spec.on_disconnect = pb.ON_DISCONNECT_STOP
+    return out
+
+
 def _service_slot(task: pb.Task) -> tuple[str, int]:
     return task.service, task.slot
 
@@ -277,13 +288,11 @@ class Cluster:
         at-most-one task placed on a node is not forgotten while it may run: it retires with
         desired state SHUTDOWN, like a stop-first move, so that its slot, if wanted again before
         it has stopped (scaled back up, the service created again), waits for it."""
-        if not task.node_id or not _at_most_one(task):
-            return self._delete_task_ops(key, task)
         if task.desired_state == pb.TASK_STATE_SHUTDOWN:
             return []  # already told to stop; dropped once it has
-        stopping = pb.Task()
-        stopping.CopyFrom(task)
-        stopping.desired_state = pb.TASK_STATE_SHUTDOWN
+        if not task.node_id or not _at_most_one(task):
+            return self._delete_task_ops(key, task)
+        stopping = _told_to_stop(task)
         retiring = self.keys.retiring_task(task.id)
         if key == retiring:
             return [self.state.put(retiring, stopping)]
@@ -1058,9 +1067,7 @@ class Cluster:
         """An at-most-one task moves stop first: it retires with desired state SHUTDOWN (its agent
         stops it and reports so; every full assignment asks again) and the new task waits in its
         slot, unplaced, until that report comes (``_retire_replaced``), in one transaction."""
-        stopping = pb.Task()
-        stopping.CopyFrom(r.old)
-        stopping.desired_state = pb.TASK_STATE_SHUTDOWN
+        stopping = _told_to_stop(r.old)
         held = placement.with_reason(new, held_reason(r.old.id))
         return [
             replace(self.state.put(r.key, held), with_next=True),

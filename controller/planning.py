@@ -169,8 +169,8 @@ def preview(
         removed.append(tasks.pop(key).id)
     for key, task in result.put:
         old = tasks.get(key)
-        if old is not None and old.id != task.id:
-            removed.append(old.id)
+        if old is not None and old.id != task.id and old.node_id:
+            removed.append(old.id)  # (a task that was not placed stops nothing)
         tasks[key] = task
     after = Snapshot(services=services, tasks=tasks, nodes=snap.nodes, retiring=snap.retiring)
     step = scheduling_step(

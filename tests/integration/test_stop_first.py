@@ -316,3 +316,38 @@ def test_plan_shows_a_stop_first_drain_as_a_stop_and_a_wait(etcd: str) -> None:
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_service_made_at_most_one_by_its_update_keeps_the_old_copy_held_through_a_removal(
+    etcd: str,
+) -> None:
+    """The update that turns ``on_disconnect: keep`` into ``stop`` moves the old task stop first;
+    its record is marked at-most-one, so removing and re-creating the service before it stopped
+    still makes the slot wait (and the agent's watchdog treats it as at-most-one)."""
+
+    async def go() -> None:
+        store, cluster = await driven_cluster(etcd, "/sf-became/")
+        sessions = await register(cluster, "a", "b")
+        keep = db()
+        keep.on_disconnect = pb.ON_DISCONNECT_KEEP
+        await cluster.create_service(keep)
+        await cluster.reconcile_once()
+        [(node, old_id)] = started(sessions)
+        await report(cluster, sessions[node], old_id, pb.TASK_STATE_RUNNING)
+        await cluster.apply_service(db())  # now at-most-one: a new generation
+        await cluster.reconcile_once()
+        told = [t for t in sent(sessions[node]) if t.id == old_id]
+        assert [(t.desired_state, t.spec.on_disconnect) for t in told] == [
+            (pb.TASK_STATE_SHUTDOWN, pb.ON_DISCONNECT_STOP)
+        ]
+        await cluster.remove_service("db")
+        assert list(cluster.state.retiring) == [old_id]
+        await cluster.create_service(db())
+        await cluster.reconcile_once()
+        assert started(sessions) == []
+        await report(cluster, sessions[node], old_id, pb.TASK_STATE_SHUTDOWN)
+        await cluster.reconcile_once()
+        assert len(started(sessions)) == 1
+        await store.close()
+
+    asyncio.run(go())

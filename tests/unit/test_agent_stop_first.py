@@ -215,3 +215,71 @@ def test_a_container_being_removed_as_an_orphan_is_reported_once_that_removal_en
         assert runtime.running == set() and shutdowns(reports, "db.1.a") == 1
 
     asyncio.run(scenario())
+
+
+def test_a_task_wanted_back_while_its_watchdog_stop_ends_starts_after_it() -> None:
+    """A controller stall fires the watchdog; the agent reconnects and is told to run the task
+    after all, while its stop still ends: the new container starts only after that stop's
+    removal, which would otherwise take the new container with it."""
+
+    async def scenario() -> None:
+        runtime = GatedStops()
+        runtime.hold_all = True
+        tasks, _ = manager(runtime)
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        watchdog = asyncio.create_task(tasks.stop_on_disconnect())
+        await settle()
+        tasks.apply([task("db.1.a")], [], full=True)  # wanted again
+        await settle()
+        assert runtime.calls["start"] == 1 and "db.1.a" not in tasks.runners
+        runtime.release.set()
+        await watchdog
+        await settle()
+        assert runtime.running == {"db.1.a"} and runtime.calls["start"] == 2
+        assert "db.1.a" in tasks.runners
+
+    asyncio.run(scenario())
+
+
+def test_told_to_stop_while_a_stop_ends_and_a_runner_is_back_stops_that_runner_too() -> None:
+    async def scenario() -> None:
+        runtime = GatedStops()
+        runtime.hold_all = True
+        tasks, reports = manager(runtime)
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        watchdog = asyncio.create_task(tasks.stop_on_disconnect())
+        await settle()
+        tasks.apply([task("db.1.a")], [], full=True)  # wanted again: starts after the stop
+        tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=True)  # then moved away
+        runtime.release.set()
+        await watchdog
+        await settle()
+        assert runtime.running == set() and "db.1.a" not in tasks.runners
+        assert runtime.calls["start"] == 1  # never started again
+        assert shutdowns(reports, "db.1.a") >= 1
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_stop_is_tried_again_by_itself_and_then_reported() -> None:
+    async def scenario() -> None:
+        runtime = GatedStops()
+        tasks, reports = manager(runtime)
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        runtime.broken = True
+        runtime.release.set()
+        tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)
+        await settle()
+        assert shutdowns(reports, "db.1.a") == 0 and runtime.running == {"db.1.a"}
+        runtime.broken = False  # the next try (after the first backoff, 1 s) works
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            if not runtime.running:
+                break
+        await settle()
+        assert runtime.running == set() and shutdowns(reports, "db.1.a") == 1
+
+    asyncio.run(scenario())

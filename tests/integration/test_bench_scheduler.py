@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_small_run_reports_consistent_figures(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "bench.scheduler", "--nodes", "20", "--tasks", "2000", "--keep"]
+    argv = [sys.executable, "-m", "bench.scheduler", "--nodes", "20", "--tasks", "5000", "--keep"]
     argv += ["--settle", "1", "--idle-window", "2", "--ceiling-keys", "2000"]
     argv += ["--max-heartbeats-per-second", "10"]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -34,11 +34,11 @@ def test_small_run_reports_consistent_figures(tmp_path: Path) -> None:
         shutil.rmtree(kept, ignore_errors=True)
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["note"] == ""
-    assert figures["placed"] == figures["acked"] == 2000
-    assert figures["task_writes"] >= 2000 and figures["status_writes"] >= 2000
+    assert figures["placed"] == figures["acked"] == 5000
+    assert figures["task_writes"] >= 5000 and figures["status_writes"] >= 5000
     assert figures["nodes_down"] == 0
     assert 0 < figures["placed_s"] <= figures["acked_s"]
-    assert figures["placements_per_s"] == pytest.approx(2000 / figures["placed_s"], rel=0.01)
+    assert figures["placements_per_s"] == pytest.approx(5000 / figures["placed_s"], rel=0.01)
     # the CPU of the run: read when the last task was seen running, so the window ends just
     # after the last ack (the bench polls every 50 ms), and no busier than the cores can be
     assert figures["controller_cpu_s"] > 0 and figures["hollow_cpu_s"] > 0

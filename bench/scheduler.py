@@ -539,13 +539,14 @@ async def run(args: argparse.Namespace, procs: Processes, result: Result) -> Non
             v = percentile(decisions if attr == "decision" else acks, p) if values else None
             setattr(result, f"{attr}_p{p}_s", None if v is None else round(v, 3))
     result.placed, result.acked = seen.placed_total, seen.running_total
-    result.controller_cpu_s = round(spent["controller"], 1)
-    result.etcd_cpu_s = round(spent["etcd"], 1)
-    result.hollow_cpu_s = round(spent["hollow"], 1)
-    result.bench_cpu_s = round(spent["bench"], 1)
+    # to the clock tick (10 ms): the resolution the kernel counts CPU time in
+    result.controller_cpu_s = round(spent["controller"], 2)
+    result.etcd_cpu_s = round(spent["etcd"], 2)
+    result.hollow_cpu_s = round(spent["hollow"], 2)
+    result.bench_cpu_s = round(spent["bench"], 2)
     result.cores = machine_cores()
     total = sum(spent.values())
-    result.cpu_total_s = round(total, 1)
+    result.cpu_total_s = round(total, 2)
     # near 100 %: the run is bound by the machine as a whole, and only less CPU per task (in any
     # process: heartbeats included) makes it faster here
     result.machine_busy_pct = round(100 * total / (result.cores * result.cpu_window_s), 1)

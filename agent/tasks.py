@@ -270,6 +270,11 @@ def _at_most_one(task: pb.Task) -> bool:
     return task.spec.on_disconnect == pb.ON_DISCONNECT_STOP
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # seen, so never logged as "never retrieved"
+
+
 class TaskManager:
     """Holds the runners; applies full and incremental assignments from the controller."""
 
@@ -294,6 +299,7 @@ class TaskManager:
         self._at_most_one_stops: set[str] = set()  # of those, tasks of at-most-one services
         self._unstopped: dict[str, tuple[int, bool]] = {}  # a stop failed: (attempts, at-most-one)
         self._start_after_stop: dict[str, pb.Task] = {}  # wanted again while its stop ends
+        self._closed = False  # the agent is shutting down: start nothing, try no stop again
         self._report_stopped_for: set[str] = set()  # SHUTDOWN to report when the stop succeeds
 
     async def recover(self) -> list[pb.TaskStatus]:
@@ -378,20 +384,24 @@ class TaskManager:
         under_way = [tid for tid in self._at_most_one_stops if tid in self._stops]
         stuck = [tid for tid, (_, amo) in self._unstopped.items() if amo and tid not in self._stops]
         hurried = [self._stops[tid] for tid in under_way]
+        # a start waiting for a stop to end would come after this: cut off, it must not
+        for task_id, task in list(self._start_after_stop.items()):
+            if _at_most_one(task):
+                del self._start_after_stop[task_id]
         # a second stop with the short grace kills what the first one still waits on
         kills = [asyncio.ensure_future(self.runtime.stop(tid, grace)) for tid in (*under_way, *stuck)]
+        for kill in kills:  # their outcome shows in the stops they cut short, or in the next try
+            kill.add_done_callback(_retrieved)
         for runner in doomed:
             self.runners.pop(runner.task.id, None)
-            self._start_after_stop.pop(runner.task.id, None)
             self._background(runner.shutdown(grace), runner.task.id, at_most_one=True, reports=True)
         stops = [self._stops[r.task.id] for r in doomed]
         waits: list[asyncio.Future[Any]] = [*kills, *stops, *hurried]
         if waits:
-            # waited for, not cancelled if it takes long (runc waits up to 10 s more after SIGKILL)
-            await asyncio.wait(waits, timeout=grace + 12.0)
-        for kill in kills:  # their outcome shows in the stops they cut short
-            if kill.done() and not kill.cancelled():
-                kill.exception()
+            # every stop is under way now; wait a little (the watchdog logs what it stopped), never
+            # long and never cancelling: runc waits up to 10 s more after SIGKILL, and the watchdog
+            # must be back to act on the next cut-off
+            await asyncio.wait(waits, timeout=grace + 1.0)
         return len(doomed) + len(hurried)
 
     def _stop_for_good(self, task: pb.Task) -> None:
@@ -475,16 +485,17 @@ class TaskManager:
                 self._unstopped[task_id] = (attempts, at_most_one)
                 delay = RETRY_BACKOFF.delay(attempts)
                 asyncio.get_running_loop().call_later(delay, self._stop_again, task_id)
-            wanted = self._start_after_stop.pop(task_id, None)
-            if wanted is not None and task_id not in self.runners:
-                self._start(wanted)
+            if stopped and not self._closed:  # (after a failed stop it waits for a retry that works)
+                wanted = self._start_after_stop.pop(task_id, None)
+                if wanted is not None and task_id not in self.runners:
+                    self._start(wanted)
 
         task.add_done_callback(done)
 
     def _stop_again(self, task_id: str) -> None:
         """Try a failed stop again, unless it was tried since or the task runs here again."""
         found = self._unstopped.get(task_id)
-        if found is None or task_id in self._stops or task_id in self.runners:
+        if self._closed or found is None or task_id in self._stops or task_id in self.runners:
             return
         self._background(self._remove_found(task_id), task_id, at_most_one=found[1])
 
@@ -503,6 +514,7 @@ class TaskManager:
 
     async def close(self) -> None:
         """Agent shutdown: stop supervising but leave containers running (they are re-adopted)."""
+        self._closed = True
         for runner in self.runners.values():
             if runner._main is not None:
                 runner._main.cancel()

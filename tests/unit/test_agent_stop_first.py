@@ -27,8 +27,6 @@ class GatedStops(HollowRuntime):
 
     async def stop(self, task_id: str, timeout: float = 10.0) -> None:
         self._record("stop-begun", task_id)
-        if self.broken:
-            raise ContainerError(f"container {task_id} did not die after SIGKILL")
         container = self._containers.get(task_id)
         if (timeout > 1.0 or self.hold_all) and container is not None and container.running is not None:
             released = asyncio.ensure_future(self.release.wait())
@@ -36,6 +34,8 @@ class GatedStops(HollowRuntime):
             await asyncio.wait({released, killed}, return_when=asyncio.FIRST_COMPLETED)
             released.cancel()
             killed.cancel()
+        if self.broken:
+            raise ContainerError(f"container {task_id} did not die after SIGKILL")
         await super().stop(task_id, timeout)
 
     async def remove(self, task_id: str) -> None:
@@ -180,6 +180,7 @@ def test_a_failed_stop_is_not_reported_stopped_and_is_tried_again_when_asked_aga
         tasks.apply([task("db.1.a")], [], full=True)
         await settle()
         runtime.broken = True  # e.g. a process stuck in uninterruptible sleep
+        runtime.release.set()  # (its grace runs out at once)
         tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)
         await settle()
         assert shutdowns(reports, "db.1.a") == 0
@@ -281,5 +282,88 @@ def test_a_failed_stop_is_tried_again_by_itself_and_then_reported() -> None:
                 break
         await settle()
         assert runtime.running == set() and shutdowns(reports, "db.1.a") == 1
+
+    asyncio.run(scenario())
+
+
+def cut_off_twice_setup() -> tuple[GatedStops, TaskManager, list[pb.TaskStatus]]:
+    runtime = GatedStops()
+    runtime.hold_all = True
+    tasks, reports = manager(runtime)
+    return runtime, tasks, reports
+
+
+def test_a_start_waiting_for_a_stop_is_dropped_when_the_agent_is_cut_off_again() -> None:
+    async def scenario() -> None:
+        runtime, tasks, _ = cut_off_twice_setup()
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        first = asyncio.create_task(tasks.stop_on_disconnect())  # its stop hangs a while
+        await settle()
+        tasks.apply([task("db.1.a")], [], full=True)  # reconnected: wanted back, after the stop
+        second = asyncio.create_task(tasks.stop_on_disconnect())  # cut off again
+        await settle()
+        runtime.release.set()
+        await asyncio.gather(first, second)
+        await settle()
+        assert runtime.running == set() and "db.1.a" not in tasks.runners
+        assert runtime.calls["start"] == 1  # not started again while cut off
+
+    asyncio.run(scenario())
+
+
+def test_the_watchdog_is_not_held_up_by_a_stop_that_hangs() -> None:
+    async def scenario() -> None:
+        runtime, tasks, _ = cut_off_twice_setup()
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(tasks.stop_on_disconnect(grace=0.2), 5)  # the stop never ends
+        assert loop.time() - began < 2.0
+        assert "db.1.a" in tasks._stops  # still trying: under way, tracked
+        runtime.release.set()
+        await settle()
+
+    asyncio.run(scenario())
+
+
+def test_close_starts_nothing_that_waited_for_a_stop() -> None:
+    async def scenario() -> None:
+        runtime, tasks, _ = cut_off_twice_setup()
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        watchdog = asyncio.create_task(tasks.stop_on_disconnect())
+        await settle()
+        tasks.apply([task("db.1.a")], [], full=True)  # wanted back, after the stop
+        closing = asyncio.create_task(tasks.close())  # the agent shuts down meanwhile
+        await settle()
+        runtime.release.set()
+        await asyncio.gather(watchdog, closing)
+        await settle()
+        assert runtime.calls["start"] == 1 and "db.1.a" not in tasks.runners
+
+    asyncio.run(scenario())
+
+
+def test_a_start_waiting_for_a_stop_that_failed_waits_for_a_stop_that_works() -> None:
+    async def scenario() -> None:
+        runtime, tasks, _ = cut_off_twice_setup()
+        tasks.apply([task("db.1.a")], [], full=True)
+        await settle()
+        runtime.broken = True
+        tasks.apply([], ["db.1.a"], full=False)  # removed: its stop hangs, then fails
+        await settle()
+        tasks.apply([task("db.1.a")], [], full=True)  # wanted back meanwhile
+        runtime.release.set()
+        await settle()
+        assert runtime.calls["start"] == 1 and "db.1.a" not in tasks.runners  # not on top of it
+        runtime.broken = False  # the retry (after 1 s) works: then it starts, fresh
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            if "db.1.a" in tasks.runners:
+                break
+        await settle()
+        assert runtime.calls["start"] == 2 and runtime.running == {"db.1.a"}
 
     asyncio.run(scenario())

@@ -179,7 +179,7 @@ def main(
             report=lambda status: session_ref[0].report(status),
             on_pull=metrics.observe_pull,
         )
-        session = Session(controller, identity, manager)
+        session = Session(controller, identity, manager, ack_file=state_dir / "last-heartbeat-ack")
         session_ref.append(session)
         metrics.watch(lambda: manager_tasks(manager), runtime.cgroups, lambda: session.last_rtt)
         try:

@@ -573,6 +573,9 @@ def _spec_from_json(d: dict[str, Any]) -> ContainerSpec:
             )
             for p in d.get("ports", ())
         ),
+        # a bundle saved before this field: not known, so treated as at-most-one (stopped when the
+        # agent is cut off) rather than risk a second copy
+        at_most_one=bool(d.get("at_most_one", True)),
     )
 
 

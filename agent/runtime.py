@@ -72,6 +72,9 @@ class ContainerSpec:
     pids_limit: int = 512
     network: Literal["bridge", "host"] = "bridge"
     ports: tuple[PortBinding, ...] = ()
+    # on_disconnect: stop. Saved with the bundle: an agent restarted while cut off from the
+    # controller finds these among the containers it recovers, and its watchdog stops them
+    at_most_one: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -47,17 +48,58 @@ class Identity:
     version: str = ""
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def load_acked_at(path: Path) -> float | None:
+    """The last acknowledged heartbeat's send time a previous agent process saved, on the
+    monotonic clock, if it was saved since this boot (the clock restarts with the machine)."""
+    try:
+        boot, _, moment = path.read_text().partition(" ")
+        if boot and boot == _boot_id():
+            return float(moment)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def save_acked_at(path: Path, moment: float) -> None:
+    try:
+        staged = path.with_name(path.name + ".new")
+        staged.write_text(f"{_boot_id()} {moment!r}")
+        staged.replace(path)
+    except OSError as exc:
+        log.warning("cannot save the last heartbeat acknowledgement to %s: %s", path, exc)
+
+
 class Session:
-    def __init__(self, controller: str, identity: Identity, manager: TaskManager) -> None:
+    def __init__(
+        self, controller: str, identity: Identity, manager: TaskManager, *, ack_file: Path | None = None
+    ) -> None:
+        """``ack_file`` keeps the send time of the last acknowledged heartbeat across agent
+        restarts: an agent restarted while cut off from the controller judges its silence from
+        that moment, not from its own start, so its watchdog stops the at-most-one containers it
+        recovers by the same deadline the controller counts (docs/failure-handling.md)."""
         self.controller = controller
         self.identity = identity
         self.manager = manager
+        self.ack_file = ack_file
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.heartbeat_interval = 1.0
         self.node_deadline = DEFAULT_DEADLINE
         self.last_rtt: float | None = None
         self.acked_at = time.monotonic()  # send time of the last acknowledged heartbeat
+        saved = load_acked_at(ack_file) if ack_file is not None else None
+        if saved is not None:
+            self.acked_at = min(self.acked_at, saved)
         self._abandon = asyncio.Event()
         self._stopped_for_disconnect = False
         self._deadline_cut = asyncio.Event()  # the controller announced a shorter deadline
@@ -151,7 +193,7 @@ class Session:
                 if kind == "registered":
                     self.heartbeat_interval = message.registered.heartbeat_interval or 1.0
                     self._set_deadline(message.registered.node_deadline or DEFAULT_DEADLINE)
-                    self.acked_at = time.monotonic()
+                    self._acked(time.monotonic())
                     self._stopped_for_disconnect = False
                     self.connected.set()
                     log.info("registered with controller=%s node=%s", self.controller, ident.node_id)
@@ -166,7 +208,7 @@ class Session:
                     self.manager.apply(a.tasks, a.removed, full=a.full)
                 elif kind == "heartbeat_ack":
                     ack = message.heartbeat_ack
-                    self.acked_at = max(self.acked_at, ack.sent_at)
+                    self._acked(ack.sent_at)
                     self.last_rtt = time.monotonic() - ack.sent_at
                     # the controller stretches the timing as the cluster grows
                     self.heartbeat_interval = ack.heartbeat_interval or self.heartbeat_interval
@@ -189,6 +231,12 @@ class Session:
             self._outbox.put_nowait(
                 agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sent_at=time.monotonic()))
             )
+
+    def _acked(self, sent_at: float) -> None:
+        if sent_at > self.acked_at:
+            self.acked_at = sent_at
+            if self.ack_file is not None:
+                save_acked_at(self.ack_file, sent_at)
 
     def _set_deadline(self, deadline: float) -> None:
         if deadline < self.node_deadline:

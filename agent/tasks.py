@@ -66,6 +66,7 @@ def container_spec(task: pb.Task, node_name: str) -> ContainerSpec:
         memory_bytes=spec.resources.memory_bytes,
         pids_limit=spec.pids_limit or 512,
         network="host" if spec.network == pb.NETWORK_MODE_HOST else "bridge",
+        at_most_one=spec.on_disconnect == pb.ON_DISCONNECT_STOP,
         ports=tuple(
             PortBinding(container_port=p.container_port, host_port=p.host_port, protocol=p.protocol or "tcp")  # type: ignore[arg-type]
             for p in task.ports
@@ -381,6 +382,8 @@ class TaskManager:
         and cut short the stops of such containers already under way (a stop-first move asks
         for the full grace, which the margin does not cover)."""
         doomed = [r for r in self.runners.values() if _at_most_one(r.task)]
+        # containers recovered after an agent restart, not yet claimed by an assignment
+        found = [tid for tid, record in self._found.items() if record.spec.at_most_one]
         under_way = [tid for tid in self._at_most_one_stops if tid in self._stops]
         stuck = [tid for tid, (_, amo) in self._unstopped.items() if amo and tid not in self._stops]
         hurried = [self._stops[tid] for tid in under_way]
@@ -395,14 +398,17 @@ class TaskManager:
         for runner in doomed:
             self.runners.pop(runner.task.id, None)
             self._background(runner.shutdown(grace), runner.task.id, at_most_one=True, reports=True)
-        stops = [self._stops[r.task.id] for r in doomed]
+        for task_id in found:
+            self._found.pop(task_id, None)
+            self._background(self._remove_found(task_id, grace), task_id, at_most_one=True)
+        stops = [self._stops[tid] for tid in (*(r.task.id for r in doomed), *found)]
         waits: list[asyncio.Future[Any]] = [*kills, *stops, *hurried]
         if waits:
             # every stop is under way now; wait a little (the watchdog logs what it stopped), never
             # long and never cancelling: runc waits up to 10 s more after SIGKILL, and the watchdog
             # must be back to act on the next cut-off
             await asyncio.wait(waits, timeout=grace + 1.0)
-        return len(doomed) + len(hurried)
+        return len(doomed) + len(found) + len(hurried)
 
     def _stop_for_good(self, task: pb.Task) -> None:
         """Stop a task the controller wants stopped, and report SHUTDOWN once nothing of it runs:
@@ -437,12 +443,12 @@ class TaskManager:
         self._found.pop(task_id, None)
         self._background(self._remove_found(task_id), task_id, at_most_one=False)
 
-    async def _remove_found(self, task_id: str) -> bool:
+    async def _remove_found(self, task_id: str, grace: float = 10.0) -> bool:
         """Stop and remove a container no runner holds; True once it no longer runs."""
         log.info("removing container no longer assigned task=%s", task_id)
         stopped = True
         try:
-            await self.runtime.stop(task_id)
+            await self.runtime.stop(task_id, grace)
         except RuntimeFailure as exc:
             log.warning("stop failed task=%s: %s", task_id, exc)
             stopped = False

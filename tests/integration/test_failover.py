@@ -225,6 +225,38 @@ def test_at_most_one_never_runs_two_copies_of_a_slot_across_a_partition(
     wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
 
 
+def test_at_most_one_holds_when_the_cut_off_agent_restarts(cluster: DevCluster, tmp_path: Path) -> None:
+    """The agent of a cut-off host restarts before its deadline: the new process, which never
+    heard the controller, still stops the at-most-one containers it recovers by the deadline of
+    the last heartbeat the old process had acknowledged, before their replacements start."""
+    apply(cluster, tmp_path, SOLO)
+    before = steady(cluster, "solo", 4)
+    victim = busiest(before)
+    with Sampler(cluster, "solo") as sampler:
+        cluster.partition(victim)
+        try:
+            cluster.stop_agent(victim)  # its containers keep running
+            cluster.start_agent(victim)  # and a new agent finds them, still cut off
+            wait_for(
+                lambda: (
+                    len([h for h, _ in of_service(containers(cluster), "solo").values() if h != victim]) == 4
+                ),
+                40,
+                "4 solo replicas outside the cut host",
+            )
+            assert not [t for t, (h, _) in of_service(containers(cluster), "solo").items() if h == victim]
+        finally:
+            cluster.heal(victim)
+        wait_for(lambda: node_state(cluster, victim) == "ready", 30, f"{victim} reconnected")
+        steady(cluster, "solo", 4)
+    assert len(sampler.samples) > 50
+    for sample in sampler.samples:
+        slots = [t.split(".")[1] for t in sample]
+        assert len(slots) == len(set(slots)), f"two copies of a slot ran at once: {sorted(sample)}"
+    berth(cluster, "service", "rm", "solo")
+    wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
+
+
 def test_at_most_one_update_and_drain_never_run_two_copies_of_a_slot(
     cluster: DevCluster, tmp_path: Path
 ) -> None:

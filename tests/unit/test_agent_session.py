@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, cast
 
-from berth.agent.session import STATUS_BATCH_DELAY, Identity, Session
+from berth.agent.session import STATUS_BATCH_DELAY, Identity, Session, load_acked_at, save_acked_at
 from berth.agent.tasks import TaskManager
 from berth.proto.berth.v1 import agent_pb2
 from berth.proto.berth.v1 import types_pb2 as pb
@@ -130,3 +131,40 @@ def test_a_shorter_deadline_wakes_the_watchdog() -> None:
     acked_at, stopped_at = asyncio.run(run())
     assert len(stopped_at) == 1
     assert 0.2 <= stopped_at[0] - acked_at < 0.2 + 0.05
+
+
+def test_a_restarted_agent_judges_its_silence_from_the_last_ack_the_previous_one_saved(
+    tmp_path: Path,
+) -> None:
+    """The previous agent process saved when its last acknowledged heartbeat was sent; one
+    started after it, still cut off, acts at that moment + the deadline, not a deadline after its
+    own start (the controller counts from when it last heard the node)."""
+    ack_file = tmp_path / "last-heartbeat-ack"
+    identity = Identity(node_id="n1", name="host-1", address="10.0.0.1", capacity=pb.Resources())
+    previous = Session("127.0.0.1:1", identity, cast(TaskManager, _Manager()), ack_file=ack_file)
+    previous._acked(time.monotonic() + 0.001)  # a heartbeat sent just now is acknowledged...
+    time.sleep(0.25)  # ...and the process goes; another starts 0.25 s later
+
+    async def run() -> list[float]:
+        manager = _Manager()
+        restarted = Session("127.0.0.1:1", identity, cast(TaskManager, manager), ack_file=ack_file)
+        restarted.node_deadline = 0.3
+        watchdog = asyncio.create_task(restarted._watchdog())
+        await asyncio.sleep(0.2)
+        watchdog.cancel()
+        return manager.stopped_at
+
+    began = time.monotonic()
+    stopped_at = asyncio.run(run())
+    assert len(stopped_at) == 1 and stopped_at[0] - began < 0.15  # at ~0.05 s, not at 0.3 s
+
+
+def test_a_saved_ack_from_another_boot_or_unreadable_is_ignored(tmp_path: Path) -> None:
+    ack_file = tmp_path / "last-heartbeat-ack"
+    ack_file.write_text("another-boot 12.5")
+    assert load_acked_at(ack_file) is None
+    ack_file.write_text("garbage")
+    assert load_acked_at(ack_file) is None
+    assert load_acked_at(tmp_path / "missing") is None
+    save_acked_at(ack_file, 42.0)
+    assert load_acked_at(ack_file) == 42.0

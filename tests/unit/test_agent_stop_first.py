@@ -367,3 +367,22 @@ def test_a_start_waiting_for_a_stop_that_failed_waits_for_a_stop_that_works() ->
         assert runtime.calls["start"] == 2 and runtime.running == {"db.1.a"}
 
     asyncio.run(scenario())
+
+
+def test_an_agent_restarted_while_cut_off_stops_the_at_most_one_containers_it_recovered() -> None:
+    async def scenario() -> None:
+        runtime = GatedStops()
+        first, _ = manager(runtime)
+        keep = task("web.1.b")
+        keep.service, keep.spec.name, keep.spec.on_disconnect = "web", "web", pb.ON_DISCONNECT_KEEP
+        first.apply([task("db.1.a"), keep], [], full=True)
+        await settle()
+        await first.close()  # the agent goes; its containers run on
+        restarted, _ = manager(runtime)
+        await restarted.recover()
+        # still cut off: its watchdog acts before any assignment has claimed them
+        assert await asyncio.wait_for(restarted.stop_on_disconnect(), 5) == 1
+        await settle()
+        assert runtime.running == {"web.1.b"}  # on_disconnect: keep runs on
+
+    asyncio.run(scenario())

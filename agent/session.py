@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -51,29 +52,44 @@ class Identity:
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+@functools.cache
 def _boot_id() -> str:
     try:
         return BOOT_ID.read_text().strip()
-    except OSError:
+    except OSError as exc:
+        log.warning(
+            "cannot read %s (%s): a restarted agent will count its silence from its start", BOOT_ID, exc
+        )
         return ""
 
 
-def load_acked_at(path: Path) -> float | None:
-    """The last acknowledged heartbeat's send time a previous agent process saved, on the
-    monotonic clock, if it was saved since this boot (the clock restarts with the machine)."""
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """What a restarted agent needs to go on judging its silence where the last one left off."""
+
+    at: float  # send time of the last acknowledged heartbeat, on the monotonic clock
+    deadline: float  # the node deadline the controller had announced by then
+
+
+def load_acked(path: Path) -> Acked | None:
+    """What a previous agent process saved, if it saved it since this boot (the monotonic clock
+    restarts with the machine, and the containers with it)."""
     try:
-        boot, _, moment = path.read_text().partition(" ")
+        boot, at, deadline = path.read_text().split()
         if boot and boot == _boot_id():
-            return float(moment)
+            return Acked(float(at), float(deadline))
     except (OSError, ValueError):
         pass
     return None
 
 
-def save_acked_at(path: Path, moment: float) -> None:
+def save_acked(path: Path, acked: Acked) -> None:
+    boot = _boot_id()
+    if not boot:
+        return
     try:
         staged = path.with_name(path.name + ".new")
-        staged.write_text(f"{_boot_id()} {moment!r}")
+        staged.write_text(f"{boot} {acked.at!r} {acked.deadline!r}")
         staged.replace(path)
     except OSError as exc:
         log.warning("cannot save the last heartbeat acknowledgement to %s: %s", path, exc)
@@ -97,9 +113,13 @@ class Session:
         self.node_deadline = DEFAULT_DEADLINE
         self.last_rtt: float | None = None
         self.acked_at = time.monotonic()  # send time of the last acknowledged heartbeat
-        saved = load_acked_at(ack_file) if ack_file is not None else None
+        saved = load_acked(ack_file) if ack_file is not None else None
         if saved is not None:
-            self.acked_at = min(self.acked_at, saved)
+            # the controller's deadline only grows while it runs, and a restarted controller
+            # counts every node's silence afresh: the saved one is never too long
+            self.acked_at = min(self.acked_at, saved.at)
+            self.node_deadline = saved.deadline
+        self._register_sent = self.acked_at
         self._abandon = asyncio.Event()
         self._stopped_for_disconnect = False
         self._deadline_cut = asyncio.Event()  # the controller announced a shorter deadline
@@ -193,7 +213,7 @@ class Session:
                 if kind == "registered":
                     self.heartbeat_interval = message.registered.heartbeat_interval or 1.0
                     self._set_deadline(message.registered.node_deadline or DEFAULT_DEADLINE)
-                    self._acked(time.monotonic())
+                    self._acked(self._register_sent)  # the controller heard us after we sent it
                     self._stopped_for_disconnect = False
                     self.connected.set()
                     log.info("registered with controller=%s node=%s", self.controller, ident.node_id)
@@ -208,11 +228,11 @@ class Session:
                     self.manager.apply(a.tasks, a.removed, full=a.full)
                 elif kind == "heartbeat_ack":
                     ack = message.heartbeat_ack
-                    self._acked(ack.sent_at)
                     self.last_rtt = time.monotonic() - ack.sent_at
                     # the controller stretches the timing as the cluster grows
                     self.heartbeat_interval = ack.heartbeat_interval or self.heartbeat_interval
                     self._set_deadline(ack.node_deadline or self.node_deadline)
+                    self._acked(ack.sent_at)  # (saved with the deadline it came with)
         finally:
             if heartbeats is not None:
                 heartbeats.cancel()
@@ -221,6 +241,7 @@ class Session:
             call.cancel()
 
     async def _requests(self, register: agent_pb2.Register) -> AsyncIterator[agent_pb2.AgentMessage]:
+        self._register_sent = time.monotonic()
         yield agent_pb2.AgentMessage(register=register)
         while True:
             yield await self._outbox.get()
@@ -236,7 +257,7 @@ class Session:
         if sent_at > self.acked_at:
             self.acked_at = sent_at
             if self.ack_file is not None:
-                save_acked_at(self.ack_file, sent_at)
+                save_acked(self.ack_file, Acked(sent_at, self.node_deadline))
 
     def _set_deadline(self, deadline: float) -> None:
         if deadline < self.node_deadline:

@@ -318,6 +318,22 @@ def test_controller_and_agent_restarts_reschedule_nothing(cluster: DevCluster, t
     wait_for(lambda: not of_service(containers(cluster), "web"), 60, "web removed")
 
 
+def test_an_agent_restart_keeps_at_most_one_containers_running(cluster: DevCluster, tmp_path: Path) -> None:
+    """With the controller reachable, a restarted agent re-adopts at-most-one containers too:
+    its watchdog goes on from the last acknowledged heartbeat and the new registration counts as
+    one, so nothing is stopped inside the deadline."""
+    apply(cluster, tmp_path, SOLO)
+    before = steady(cluster, "solo", 4)
+    host = busiest(before)
+    cluster.stop_agent(host, signal.SIGTERM)
+    cluster.start_agent(host)
+    wait_for(lambda: node_state(cluster, host) == "ready", 30, f"{host} ready")
+    time.sleep(5)  # past the node deadline: a wrong stop would show by now
+    assert of_service(containers(cluster), "solo") == before  # same tasks, same pids
+    berth(cluster, "service", "rm", "solo")
+    wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
+
+
 def test_busy_host_is_not_declared_down(cluster: DevCluster, tmp_path: Path) -> None:
     apply(cluster, tmp_path, WEB)
     steady(cluster, "web", 8)

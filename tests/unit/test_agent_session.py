@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from berth.agent.session import STATUS_BATCH_DELAY, Identity, Session, load_acked_at, save_acked_at
+from berth.agent.session import STATUS_BATCH_DELAY, Acked, Identity, Session, load_acked, save_acked
 from berth.agent.tasks import TaskManager
 from berth.proto.berth.v1 import agent_pb2
 from berth.proto.berth.v1 import types_pb2 as pb
@@ -136,35 +136,55 @@ def test_a_shorter_deadline_wakes_the_watchdog() -> None:
 def test_a_restarted_agent_judges_its_silence_from_the_last_ack_the_previous_one_saved(
     tmp_path: Path,
 ) -> None:
-    """The previous agent process saved when its last acknowledged heartbeat was sent; one
-    started after it, still cut off, acts at that moment + the deadline, not a deadline after its
-    own start (the controller counts from when it last heard the node)."""
+    """The previous agent process saved when its last acknowledged heartbeat was sent, and the
+    deadline the controller had announced; one started after it, still cut off, acts at that
+    moment + that deadline, not a deadline after its own start (the controller counts from when
+    it last heard the node)."""
     ack_file = tmp_path / "last-heartbeat-ack"
     identity = Identity(node_id="n1", name="host-1", address="10.0.0.1", capacity=pb.Resources())
     previous = Session("127.0.0.1:1", identity, cast(TaskManager, _Manager()), ack_file=ack_file)
+    previous._set_deadline(0.3)  # as the controller announced it
     previous._acked(time.monotonic() + 0.001)  # a heartbeat sent just now is acknowledged...
     time.sleep(0.25)  # ...and the process goes; another starts 0.25 s later
+
+    async def run() -> tuple[float, list[float]]:
+        manager = _Manager()
+        restarted = Session("127.0.0.1:1", identity, cast(TaskManager, manager), ack_file=ack_file)
+        watchdog = asyncio.create_task(restarted._watchdog())
+        await asyncio.sleep(0.2)
+        watchdog.cancel()
+        return restarted.node_deadline, manager.stopped_at
+
+    began = time.monotonic()
+    deadline, stopped_at = asyncio.run(run())
+    assert deadline == 0.3
+    assert len(stopped_at) == 1 and stopped_at[0] - began < 0.15  # at ~0.05 s, not at 0.3 s
+
+
+def test_a_restarted_agent_keeps_the_longer_deadline_the_controller_announced(tmp_path: Path) -> None:
+    """At 5,000 nodes the controller allows 20 s: a restart that took longer than the default
+    4 s must not stop anything the controller would still wait for."""
+    ack_file = tmp_path / "last-heartbeat-ack"
+    save_acked(ack_file, Acked(time.monotonic() - 5.0, 20.0))
+    identity = Identity(node_id="n1", name="host-1", address="10.0.0.1", capacity=pb.Resources())
 
     async def run() -> list[float]:
         manager = _Manager()
         restarted = Session("127.0.0.1:1", identity, cast(TaskManager, manager), ack_file=ack_file)
-        restarted.node_deadline = 0.3
         watchdog = asyncio.create_task(restarted._watchdog())
         await asyncio.sleep(0.2)
         watchdog.cancel()
         return manager.stopped_at
 
-    began = time.monotonic()
-    stopped_at = asyncio.run(run())
-    assert len(stopped_at) == 1 and stopped_at[0] - began < 0.15  # at ~0.05 s, not at 0.3 s
+    assert asyncio.run(run()) == []
 
 
 def test_a_saved_ack_from_another_boot_or_unreadable_is_ignored(tmp_path: Path) -> None:
     ack_file = tmp_path / "last-heartbeat-ack"
-    ack_file.write_text("another-boot 12.5")
-    assert load_acked_at(ack_file) is None
+    ack_file.write_text("another-boot 12.5 4.0")
+    assert load_acked(ack_file) is None
     ack_file.write_text("garbage")
-    assert load_acked_at(ack_file) is None
-    assert load_acked_at(tmp_path / "missing") is None
-    save_acked_at(ack_file, 42.0)
-    assert load_acked_at(ack_file) == 42.0
+    assert load_acked(ack_file) is None
+    assert load_acked(tmp_path / "missing") is None
+    save_acked(ack_file, Acked(42.0, 20.0))
+    assert load_acked(ack_file) == Acked(42.0, 20.0)

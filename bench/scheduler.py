@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -702,6 +702,34 @@ def table(result: Result) -> str:
     return "\n".join(lines)
 
 
+def in_work_dir(
+    prefix: str, keep: bool, body: Callable[[Processes], Coroutine[Any, Any, None]]
+) -> tuple[bool, str | None]:
+    """Run a bench's ``body`` on the event loop with a temp work dir for its processes; stop them
+    all and remove the dir (unless ``keep``) however it ends. Returns (failed, why): ``why`` is
+    the error, or None when it ended well or on Ctrl-C / SIGTERM."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    procs = Processes(work)
+    try:
+        with interrupted_as_exit():
+            asyncio.run(body(procs))
+        return False, None
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return True, None
+    except Exception as exc:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            exc = RuntimeError(f"{exc.code().name}: {exc.details()}")
+        say(f"failed: {exc}")
+        return True, str(exc)
+    finally:
+        procs.stop_all()
+        if keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def interrupted_as_exit() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -767,26 +795,10 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one socket per agent in the controller
 
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-scheduler-"))
-    procs = Processes(work)
     result = Result(nodes=args.nodes, tasks=args.tasks, services=args.services)
-    failed = False
-    try:
-        with interrupted_as_exit():
-            asyncio.run(run(args, procs, result))
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
-        failed = True
-    except Exception as exc:
-        say(f"failed: {exc}")
-        result.note = str(exc)
-        failed = True
-    finally:
-        procs.stop_all()
-        if args.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    failed, error = in_work_dir("berth-bench-scheduler-", args.keep, lambda procs: run(args, procs, result))
+    if error is not None:
+        result.note = error
     print(table(result))
     figures = {k: v for k, v in asdict(result).items() if k != "profile"}
     print(json.dumps(figures))

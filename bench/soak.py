@@ -30,14 +30,11 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -46,7 +43,7 @@ from bench.scheduler import (
     Processes,
     cpu_seconds,
     free_port,
-    interrupted_as_exit,
+    in_work_dir,
     percentile,
     proc_status,
     say,
@@ -245,31 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.nodes <= 0 or args.replicas <= 0 or args.settle < 0:
         parser.error("--minutes, --nodes and --replicas must be positive, --settle at least 0")
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-soak-"))
-    procs = Processes(work)
     result = Result(nodes=args.nodes, replicas=args.replicas, minutes=args.minutes)
-    failed = False
-    try:
-        with interrupted_as_exit():
-            asyncio.run(run(args, procs, result))
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
+    failed, error = in_work_dir("berth-bench-soak-", args.keep, lambda procs: run(args, procs, result))
+    if failed:
         summarize(result)
-        result.note = "interrupted"
-        failed = True
-    except Exception as exc:
-        if isinstance(exc, grpc.aio.AioRpcError):
-            exc = RuntimeError(f"{exc.code().name}: {exc.details()}")
-        say(f"failed: {exc}")
-        summarize(result)
-        result.note = str(exc)
-        failed = True
-    finally:
-        procs.stop_all()
-        if args.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        result.note = "interrupted" if error is None else error
     print(table(result))
     figures = asdict(result)
     figures["history"] = [asdict(c) for c in result.history]

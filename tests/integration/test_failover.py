@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -192,69 +192,68 @@ def test_cut_then_heal_leaves_exactly_the_count_and_no_stale_container(
     wait_for(lambda: not of_service(containers(cluster), "web"), 60, "web removed")
 
 
-def test_at_most_one_never_runs_two_copies_of_a_slot_across_a_partition(
-    cluster: DevCluster, tmp_path: Path
-) -> None:
-    apply(cluster, tmp_path, SOLO)
-    before = steady(cluster, "solo", 4)
+def cut_solo_host(
+    c: DevCluster, tmp_path: Path, while_cut: Callable[[str], None] = lambda _: None
+) -> tuple[dict[str, tuple[str, int]], str, list[dict[str, tuple[str, int]]]]:
+    """Run SOLO, cut its busiest host (``while_cut`` runs then), wait until its 4 replicas run on
+    the other hosts with none left on the cut one, heal, wait until steady. Returns the
+    containers before, the cut host and every sample taken meanwhile."""
+    apply(c, tmp_path, SOLO)
+    before = steady(c, "solo", 4)
     victim = busiest(before)
-    slots_on_victim = {t.split(".")[1] for t, (h, _) in before.items() if h == victim}
-    with Sampler(cluster, "solo") as sampler:
-        cluster.partition(victim)
+    with Sampler(c, "solo") as sampler:
+        c.partition(victim)
         try:
+            while_cut(victim)
             wait_for(
-                lambda: (
-                    len([h for h, _ in of_service(containers(cluster), "solo").values() if h != victim]) == 4
-                ),
+                lambda: len([h for h, _ in of_service(containers(c), "solo").values() if h != victim]) == 4,
                 40,
                 "4 solo replicas outside the cut host",
             )
             # the cut-off agent stopped its copies by itself (it cannot hear the controller)
-            assert not [t for t, (h, _) in of_service(containers(cluster), "solo").items() if h == victim]
+            assert not [t for t, (h, _) in of_service(containers(c), "solo").items() if h == victim]
         finally:
-            cluster.heal(victim)
-        wait_for(lambda: node_state(cluster, victim) == "ready", 30, f"{victim} reconnected")
-        steady(cluster, "solo", 4)
-    assert len(sampler.samples) > 50
-    for sample in sampler.samples:
+            c.heal(victim)
+        wait_for(lambda: node_state(c, victim) == "ready", 30, f"{victim} reconnected")
+        steady(c, "solo", 4)
+    return before, victim, sampler.samples
+
+
+def assert_never_two_copies(samples: list[dict[str, tuple[str, int]]]) -> None:
+    for sample in samples:
         slots = [t.split(".")[1] for t in sample]
         assert len(slots) == len(set(slots)), f"two copies of a slot ran at once: {sorted(sample)}"
-        assert len(sample) <= 4
-    assert slots_on_victim
-    berth(cluster, "service", "rm", "solo")
-    wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
+
+
+def remove_solo(c: DevCluster) -> None:
+    berth(c, "service", "rm", "solo")
+    wait_for(lambda: not of_service(containers(c), "solo"), 60, "solo removed")
+
+
+def test_at_most_one_never_runs_two_copies_of_a_slot_across_a_partition(
+    cluster: DevCluster, tmp_path: Path
+) -> None:
+    before, victim, samples = cut_solo_host(cluster, tmp_path)
+    assert len(samples) > 50
+    assert_never_two_copies(samples)
+    assert all(len(sample) <= 4 for sample in samples)
+    assert {t.split(".")[1] for t, (h, _) in before.items() if h == victim}
+    remove_solo(cluster)
 
 
 def test_at_most_one_holds_when_the_cut_off_agent_restarts(cluster: DevCluster, tmp_path: Path) -> None:
     """The agent of a cut-off host restarts before its deadline: the new process, which never
     heard the controller, still stops the at-most-one containers it recovers by the deadline of
     the last heartbeat the old process had acknowledged, before their replacements start."""
-    apply(cluster, tmp_path, SOLO)
-    before = steady(cluster, "solo", 4)
-    victim = busiest(before)
-    with Sampler(cluster, "solo") as sampler:
-        cluster.partition(victim)
-        try:
-            cluster.stop_agent(victim)  # its containers keep running
-            cluster.start_agent(victim)  # and a new agent finds them, still cut off
-            wait_for(
-                lambda: (
-                    len([h for h, _ in of_service(containers(cluster), "solo").values() if h != victim]) == 4
-                ),
-                40,
-                "4 solo replicas outside the cut host",
-            )
-            assert not [t for t, (h, _) in of_service(containers(cluster), "solo").items() if h == victim]
-        finally:
-            cluster.heal(victim)
-        wait_for(lambda: node_state(cluster, victim) == "ready", 30, f"{victim} reconnected")
-        steady(cluster, "solo", 4)
-    assert len(sampler.samples) > 50
-    for sample in sampler.samples:
-        slots = [t.split(".")[1] for t in sample]
-        assert len(slots) == len(set(slots)), f"two copies of a slot ran at once: {sorted(sample)}"
-    berth(cluster, "service", "rm", "solo")
-    wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
+
+    def restart_agent(victim: str) -> None:
+        cluster.stop_agent(victim)  # its containers keep running
+        cluster.start_agent(victim)  # and a new agent finds them, still cut off
+
+    _, _, samples = cut_solo_host(cluster, tmp_path, restart_agent)
+    assert len(samples) > 50
+    assert_never_two_copies(samples)
+    remove_solo(cluster)
 
 
 def test_at_most_one_update_and_drain_never_run_two_copies_of_a_slot(
@@ -290,12 +289,9 @@ def test_at_most_one_update_and_drain_never_run_two_copies_of_a_slot(
             f"all solo replicas off {victim}",
         )
     assert len(sampler.samples) > 20
-    for sample in sampler.samples:
-        slots = [t.split(".")[1] for t in sample]
-        assert len(slots) == len(set(slots)), f"two copies of a slot ran at once: {sorted(sample)}"
+    assert_never_two_copies(sampler.samples)
     berth(cluster, "node", "activate", victim)
-    berth(cluster, "service", "rm", "solo")
-    wait_for(lambda: not of_service(containers(cluster), "solo"), 60, "solo removed")
+    remove_solo(cluster)
 
 
 def test_controller_and_agent_restarts_reschedule_nothing(cluster: DevCluster, tmp_path: Path) -> None:

@@ -120,6 +120,8 @@ class Cluster:
         self.state = ClusterState(keys=self.keys)
         self._lock = asyncio.Lock()
         self._uncertain = False  # a write's outcome is unknown: the next writer reloads first
+        # during a commit: what its committed transactions tell the agents, sent when it ends
+        self._held: list[tuple[str, agent_pb2.ControllerMessage]] | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._awaiting_margin: set[str] = set()
@@ -176,14 +178,21 @@ class Cluster:
     # -- the one writer ----------------------------------------------------------------
 
     async def _commit(self, ops: Sequence[Op]) -> None:
-        """Commit ops; as each transaction commits, fold it into the cache and tell the agents
-        concerned (they start work while etcd takes the rest of a large pass). Caller holds the
+        """Commit ops; as each transaction commits, fold it into the cache. The agents concerned
+        hear of it once the whole call has committed or failed: told as each transaction
+        committed, they started work (and reported it) while etcd still took the rest, and on a
+        busy machine their reaction slowed the commit by half (bench.scheduler at 100,000 tasks:
+        all placed in 4.4-4.9 s instead of 6.5-6.7 s, all running no later). Caller holds the
         writer lock. A failed transaction raises; the others of the call may have committed, and
         those are in the cache and on their way to the agents."""
         if not ops:
             return
         try:
-            await self.store.commit(ops, on_batch=self._fold)
+            self._held = []
+            try:
+                await self.store.commit(ops, on_batch=self._fold)
+            finally:
+                self._send_held()
         except ConflictError:
             log.warning("write conflict; reloading state from etcd")
             await self._reload()
@@ -204,11 +213,12 @@ class Cluster:
             raise
 
     def _fold(self, batch: Sequence[Op], revisions: dict[str, int]) -> None:
-        """Fold one committed transaction into the cache and send each agent concerned what it
-        must now run or stop: the difference in what the cache says the node holds before and after
-        the transaction. A drained task moves from its slot to ``retiring/`` on the same node in
-        one transaction (the two writes are chained with ``with_next``), so it is neither; a task
-        told to stop moves the same way with desired state SHUTDOWN, and is sent again so."""
+        """Fold one committed transaction into the cache and tell each agent concerned (when the
+        commit ends: see ``_commit``) what it must now run or stop: the difference in what the
+        cache says the node holds before and after the transaction. A drained task moves from its
+        slot to ``retiring/`` on the same node in one transaction (the two writes are chained with
+        ``with_next``), so it is neither; a task told to stop moves the same way with desired
+        state SHUTDOWN, and is sent again so."""
         touched: set[tuple[str, str]] = set()  # (node id, task id)
         tasks, retiring, statuses = self.keys.tasks, self.keys.retiring, self.keys.statuses
         if not all(op.key.startswith(statuses) for op in batch):
@@ -243,6 +253,15 @@ class Cluster:
             assignments.full = False
             assignments.tasks.extend(sorted(added.get(node_id, []), key=_service_slot))
             assignments.removed.extend(sorted(removed.get(node_id, [])))
+            if self._held is not None:
+                self._held.append((node_id, message))
+            else:
+                self.hub.send(node_id, message)
+
+    def _send_held(self) -> None:
+        """Send, in commit order, what the transactions of the last commit told the agents."""
+        held, self._held = self._held or [], None
+        for node_id, message in held:
             self.hub.send(node_id, message)
 
     @contextlib.asynccontextmanager
@@ -621,10 +640,9 @@ class Cluster:
                 log.exception("status flush failed")
 
     async def _write_statuses(self, inbox: dict[str, pb.TaskStatus]) -> None:
-        """Write what agents observed, under the writer lock. During a large placement pass
-        agents already run the tasks of its first transactions; their statuses queue in the
-        inbox (coalesced per task) and go out in one batch when the pass is committed, rather
-        than compete with it for the event loop."""
+        """Write what agents observed, under the writer lock. Reports that arrive while another
+        write holds it (a placement pass) queue in the inbox, coalesced per task, and go out in
+        one batch when that write is done, rather than compete with it for the event loop."""
         running = stopped = False
         async with self._writing():
             ops: list[Op] = []
@@ -922,8 +940,8 @@ class Cluster:
             return
         plan, pending, replacements = step.plan, step.pending, step.replacements
         before = len(ops)
-        # written node by node: a transaction then holds the tasks of a few nodes, and as it
-        # commits those agents get all their new work in one message and start on it
+        # written node by node: a transaction then holds the tasks of a few nodes, and each of
+        # those agents gets all its new work in one message
         for p in sorted(plan.placements, key=_node_id):
             if p.task_id in pending:
                 key, task = pending[p.task_id]

@@ -155,6 +155,64 @@ def test_each_committed_batch_is_reported_even_when_a_later_one_fails(etcd: str)
     run(go())
 
 
+def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_it_fails(
+    etcd: str,
+) -> None:
+    """A commit of many transactions is folded into the cache as each one commits, but the agents
+    are told only when the commit ends (their reaction would slow the rest of it); when a
+    transaction of it conflicts, the agents still hear of every one that committed, before the
+    full resend that follows the reload."""
+    from berth.controller.cluster import Cluster
+    from berth.controller.errors import UnavailableError
+    from berth.proto.berth.v1 import agent_pb2
+
+    async def go() -> None:
+        store = Store(etcd, "/held/")
+        nodes = [pb.Node(id=f"n{i}", name=f"host-{i}", state=pb.NODE_STATE_READY) for i in range(4)]
+        await store.commit([Put(store.keys.node(n.id), n, 0) for n in nodes])
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()  # the loops are not needed: the test drives _commit itself
+        sent: list[tuple[str, agent_pb2.Assignments]] = []
+        cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
+        fold = cluster._fold
+        told_while_folding: list[int] = []
+
+        def counting_fold(batch: Sequence[Op], revisions: dict[str, int]) -> None:
+            told_while_folding.append(len(sent))
+            fold(batch, revisions)
+
+        cluster._fold = counting_fold  # type: ignore[method-assign]
+
+        def ops(service: str) -> list[Op]:  # node by node, as a pass writes them: n0's first
+            tasks = [pb.Task(id=f"{service}.{i}", slot=i, node_id=f"n{i // 100}") for i in range(400)]
+            return [Put(store.keys.task(service, t.slot), t, 0) for t in tasks]
+
+        await cluster._commit(ops("web"))
+        assert told_while_folding == [0, 0, 0, 0]  # four transactions, nobody told before the end
+        assert sorted(n for n, _ in sent) == ["n0", "n1", "n1", "n2", "n2", "n3", "n3"]
+        assert sorted(t.id for _, a in sent for t in a.tasks) == sorted(f"web.{i}" for i in range(400))
+        assert not any(a.full for _, a in sent)
+
+        sent.clear()
+        told_while_folding.clear()
+        taken = store.keys.task("api", 300)  # in the third transaction: it conflicts
+        await store.commit([Put(taken, pb.Task(id="already-there"), 0)])
+        with pytest.raises(UnavailableError, match="retry"):
+            await cluster._commit(ops("api"))
+        assert told_while_folding == [0, 0, 0]  # the three that committed, in whatever order
+        incremental = [(n, a) for n, a in sent if not a.full]
+        assert sent[: len(incremental)] == incremental  # before the full resend
+        told = {t.id for _, a in incremental for t in a.tasks}
+        assert told == {f"api.{i}" for i in range(400) if not 256 <= i < 384}
+        full = {n: {t.id for t in a.tasks} for n, a in sent if a.full}
+        assert full["n2"] >= {f"api.{i}" for i in range(200, 256)}  # what committed, as reloaded
+        assert not full["n2"] & {f"api.{i}" for i in range(256, 300)}
+        await store.close()
+
+    run(go())
+
+
 def test_a_failure_applying_a_commit_reloads_and_resyncs_agents(etcd: str) -> None:
     """If folding a committed transaction into the cache fails, the controller starts again from
     etcd and sends every agent the full list of what it must run."""

@@ -120,8 +120,6 @@ class Cluster:
         self.state = ClusterState(keys=self.keys)
         self._lock = asyncio.Lock()
         self._uncertain = False  # a write's outcome is unknown: the next writer reloads first
-        # during a commit: what its committed transactions tell the agents, sent when it ends
-        self._held: list[tuple[str, agent_pb2.ControllerMessage]] | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._awaiting_margin: set[str] = set()
@@ -180,19 +178,20 @@ class Cluster:
     async def _commit(self, ops: Sequence[Op]) -> None:
         """Commit ops; as each transaction commits, fold it into the cache. The agents concerned
         hear of it once the whole call has committed or failed: told as each transaction
-        committed, they started work (and reported it) while etcd still took the rest, and on a
-        busy machine their reaction slowed the commit by half (bench.scheduler at 100,000 tasks:
-        all placed in 4.4-4.9 s instead of 6.5-6.7 s, all running no later). Caller holds the
-        writer lock. A failed transaction raises; the others of the call may have committed, and
-        those are in the cache and on their way to the agents."""
+        committed, thousands of agents started work (and reported it) while etcd still took the
+        rest, and on a busy machine their reaction made the commit twice as slow, with every
+        task running no sooner (bench/README.md, session 6). Caller holds the writer lock. A
+        failed transaction raises; the others of the call may have committed, and those are in
+        the cache and on their way to the agents."""
         if not ops:
             return
         try:
-            self._held = []
+            outgoing: list[tuple[str, agent_pb2.ControllerMessage]] = []
             try:
-                await self.store.commit(ops, on_batch=self._fold)
+                await self.store.commit(ops, on_batch=functools.partial(self._fold, outgoing=outgoing))
             finally:
-                self._send_held()
+                for node_id, message in outgoing:  # in the order the transactions were folded
+                    self.hub.send(node_id, message)
         except ConflictError:
             log.warning("write conflict; reloading state from etcd")
             await self._reload()
@@ -212,13 +211,18 @@ class Cluster:
             self._uncertain = True
             raise
 
-    def _fold(self, batch: Sequence[Op], revisions: dict[str, int]) -> None:
-        """Fold one committed transaction into the cache and tell each agent concerned (when the
-        commit ends: see ``_commit``) what it must now run or stop: the difference in what the
-        cache says the node holds before and after the transaction. A drained task moves from its
-        slot to ``retiring/`` on the same node in one transaction (the two writes are chained with
-        ``with_next``), so it is neither; a task told to stop moves the same way with desired
-        state SHUTDOWN, and is sent again so."""
+    def _fold(
+        self,
+        batch: Sequence[Op],
+        revisions: dict[str, int],
+        outgoing: list[tuple[str, agent_pb2.ControllerMessage]] | None = None,
+    ) -> None:
+        """Fold one committed transaction into the cache and tell each agent concerned what it
+        must now run or stop (at once, or by appending to ``outgoing``: see ``_commit``): the
+        difference in what the cache says the node holds before and after the transaction. A
+        drained task moves from its slot to ``retiring/`` on the same node in one transaction
+        (the two writes are chained with ``with_next``), so it is neither; a task told to stop
+        moves the same way with desired state SHUTDOWN, and is sent again so."""
         touched: set[tuple[str, str]] = set()  # (node id, task id)
         tasks, retiring, statuses = self.keys.tasks, self.keys.retiring, self.keys.statuses
         if not all(op.key.startswith(statuses) for op in batch):
@@ -253,16 +257,10 @@ class Cluster:
             assignments.full = False
             assignments.tasks.extend(sorted(added.get(node_id, []), key=_service_slot))
             assignments.removed.extend(sorted(removed.get(node_id, [])))
-            if self._held is not None:
-                self._held.append((node_id, message))
+            if outgoing is not None:
+                outgoing.append((node_id, message))
             else:
                 self.hub.send(node_id, message)
-
-    def _send_held(self) -> None:
-        """Send, in commit order, what the transactions of the last commit told the agents."""
-        held, self._held = self._held or [], None
-        for node_id, message in held:
-            self.hub.send(node_id, message)
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:

@@ -238,8 +238,8 @@ class Store:
         batch only independent writes together (each guard covers its own key), and chain with
         ``with_next`` the ops that must commit, or fail, together.
         ``on_batch(batch, revisions)`` is called as each transaction commits, before the next
-        ones finish: the caller can act on what is durable (fold it into its cache, tell agents)
-        while etcd takes the rest, and a failure later on loses none of what already committed.
+        ones finish: the caller can act on what is durable (fold it into its cache) while etcd
+        takes the rest, and a failure later on loses none of what already committed.
 
         When every key appears once, up to ``TXNS_IN_FLIGHT`` transactions are open at a time:
         the next batch is encoded while etcd commits the previous ones, and etcd folds

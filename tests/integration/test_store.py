@@ -155,19 +155,31 @@ def test_each_committed_batch_is_reported_even_when_a_later_one_fails(etcd: str)
     run(go())
 
 
+class Stalling(Store):
+    """The real store, except that the transaction holding ``stall_key`` never returns."""
+
+    stall_key = ""
+
+    async def _commit_batch(self, batch: Sequence[Op]) -> int:
+        if any(op.key == self.stall_key for op in batch):
+            await asyncio.Event().wait()
+        return await super()._commit_batch(batch)
+
+
 def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_it_fails(
     etcd: str,
 ) -> None:
     """A commit of many transactions is folded into the cache as each one commits, but the agents
-    are told only when the commit ends (their reaction would slow the rest of it); when a
-    transaction of it conflicts, the agents still hear of every one that committed, before the
-    full resend that follows the reload."""
+    are told only when the commit ends (their reaction would slow the rest of it), in the order
+    the transactions were folded; when a transaction of it conflicts, or the commit is cancelled
+    while one is in flight, the agents still hear of every one that committed (before the full
+    resend that follows a reload)."""
     from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
     from berth.proto.berth.v1 import agent_pb2
 
     async def go() -> None:
-        store = Store(etcd, "/held/")
+        store = Stalling(etcd, "/held/")
         nodes = [pb.Node(id=f"n{i}", name=f"host-{i}", state=pb.NODE_STATE_READY) for i in range(4)]
         await store.commit([Put(store.keys.node(n.id), n, 0) for n in nodes])
         cluster = Cluster(store)
@@ -177,10 +189,12 @@ def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_i
         cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
         fold = cluster._fold
         told_while_folding: list[int] = []
+        folded: list[str] = []  # the first task id of each transaction, in the order folded
 
-        def counting_fold(batch: Sequence[Op], revisions: dict[str, int]) -> None:
+        def counting_fold(batch: Sequence[Op], revisions: dict[str, int], **kwargs: object) -> None:
             told_while_folding.append(len(sent))
-            fold(batch, revisions)
+            folded.append(batch[0].value.id)  # type: ignore[union-attr]
+            fold(batch, revisions, **kwargs)  # type: ignore[arg-type]
 
         cluster._fold = counting_fold  # type: ignore[method-assign]
 
@@ -188,14 +202,21 @@ def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_i
             tasks = [pb.Task(id=f"{service}.{i}", slot=i, node_id=f"n{i // 100}") for i in range(400)]
             return [Put(store.keys.task(service, t.slot), t, 0) for t in tasks]
 
+        def first_ids(messages: list[tuple[str, agent_pb2.Assignments]]) -> list[str]:
+            """The first task id of each message (a transaction's first message is its first task's)."""
+            return [a.tasks[0].id for _, a in messages if a.tasks]
+
         await cluster._commit(ops("web"))
         assert told_while_folding == [0, 0, 0, 0]  # four transactions, nobody told before the end
         assert sorted(n for n, _ in sent) == ["n0", "n1", "n1", "n2", "n2", "n3", "n3"]
         assert sorted(t.id for _, a in sent for t in a.tasks) == sorted(f"web.{i}" for i in range(400))
         assert not any(a.full for _, a in sent)
+        # the messages go out in the order their transactions were folded
+        assert [i for i in first_ids(sent) if i in folded] == folded
 
         sent.clear()
         told_while_folding.clear()
+        folded.clear()
         taken = store.keys.task("api", 300)  # in the third transaction: it conflicts
         await store.commit([Put(taken, pb.Task(id="already-there"), 0)])
         with pytest.raises(UnavailableError, match="retry"):
@@ -208,6 +229,20 @@ def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_i
         full = {n: {t.id for t in a.tasks} for n, a in sent if a.full}
         assert full["n2"] >= {f"api.{i}" for i in range(200, 256)}  # what committed, as reloaded
         assert not full["n2"] & {f"api.{i}" for i in range(256, 300)}
+
+        sent.clear()
+        told_while_folding.clear()
+        store.stall_key = store.keys.task("jobs", 300)  # the third transaction never returns
+        commit = asyncio.create_task(cluster._commit(ops("jobs")))
+        while len(told_while_folding) < 3:
+            await asyncio.sleep(0.01)
+        assert sent == []  # still committing
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+        told = {t.id for _, a in sent for t in a.tasks}
+        assert told == {f"jobs.{i}" for i in range(400) if not 256 <= i < 384}
+        assert not any(a.full for _, a in sent)
         await store.close()
 
     run(go())
@@ -230,7 +265,7 @@ def test_a_failure_applying_a_commit_reloads_and_resyncs_agents(etcd: str) -> No
         sent: list[tuple[str, agent_pb2.Assignments]] = []
         cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
 
-        def broken_fold(batch: object, revisions: object) -> None:
+        def broken_fold(batch: object, revisions: object, **kwargs: object) -> None:
             raise RuntimeError("bug while folding")
 
         cluster._fold = broken_fold  # type: ignore[method-assign]

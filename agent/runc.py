@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 _PR_SET_CHILD_SUBREAPER = 36
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RUNC_RUN_GRACE = 30.0  # a start cancelled during `runc run` waits this long for it to finish
 # Docker's default capability set: what common images (nginx, postgres, ...) expect to have.
 _CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
@@ -209,7 +210,17 @@ class RuncRuntime:
                     "run", "--detach", "--pid-file", str(pidfile), "--bundle", str(bundle), task_id,
                     stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
                 )  # fmt: skip
-            rc = await proc.wait()
+            try:
+                rc = await proc.wait()
+            except asyncio.CancelledError:
+                # cancelled (the task is being stopped) while runc makes the container: let it
+                # finish (within reason), still holding the lock, so that the stop that follows
+                # finds a container it can kill, rather than racing runc's own create with the
+                # teardown (a container that got past its setup as its bundle went would run on
+                # unseen: an at-most-one service twice)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), RUNC_RUN_GRACE)
+                raise
             if rc != 0:
                 reason = _runc_log_error(bundle / "runc.log") or f"runc run exited with {rc}"
                 await self._runc("delete", "--force", task_id, check=False)

@@ -73,6 +73,23 @@ def http_get_retry(host: str, port: int, path: str = "/", deadline: float = 10.0
             time.sleep(0.1)
 
 
+def _wait_for_runc_run(task_id: str, timeout: float) -> bool:
+    """Whether a `runc ... run ... <task_id>` process showed up within ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"run" in argv and task_id.encode() in argv and argv[0].endswith(b"runc"):
+                return True
+        time.sleep(0.001)
+    return False
+
+
 def _serve(config: dict[str, Any]) -> None:
     sys.path.insert(0, str(REPO))
     from berth.agent.runc import RuncRuntime
@@ -109,6 +126,18 @@ def _serve(config: dict[str, Any]) -> None:
             return None
         if op == "start":
             return dataclasses.asdict(await runtime.start(req["task_id"]))
+        if op == "start_stopped":
+            # start, and stop while `runc run` is making the container, as the agent's runner
+            # does (cancel the start, then stop and remove at once); returns whether runc was
+            # caught in the act
+            starting = asyncio.create_task(runtime.start(req["task_id"]))
+            caught = await asyncio.to_thread(_wait_for_runc_run, req["task_id"], 10.0)
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RuntimeFailure):
+                await starting
+            await runtime.stop(req["task_id"], timeout=1.0)
+            await runtime.remove(req["task_id"])
+            return caught
         if op == "wait":
             return dataclasses.asdict(await runtime.wait(req["task_id"]))
         if op == "stop":

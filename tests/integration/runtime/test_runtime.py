@@ -238,6 +238,36 @@ def test_stop_escalates_to_sigkill(host: Host) -> None:
         host.agent.call("remove", task_id="sleeper")
 
 
+def test_a_stop_while_runc_makes_the_container_finds_and_kills_it(host: Host) -> None:
+    """A stop that lands while `runc run` is still making the container (the agent cancels the
+    start, then stops and removes) must find it and kill it: nothing may run on unseen."""
+    image = host.agent.call("pull", ref=host.image)
+    marker = "424217"  # a sleep no other process runs
+    for attempt in range(3):
+        task_id = f"cancelled-{attempt}"
+        host.agent.call("create", spec=spec(task_id, host.image, args=["sleep", marker]), image=image)
+        try:
+            caught = host.agent.call("start_stopped", task_id=task_id)
+        finally:
+            host.agent.call("remove", task_id=task_id)
+        assert caught, "runc run was never seen: the start was not cancelled in the act"
+        found = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and marker.encode() in _cmdline(p)
+        ]
+        running = [pid for pid in found if not process_gone(pid, 2.0)]
+        assert running == [], f"attempt {attempt}: the container runs on after its start was cancelled"
+        assert_gone(host, task_id, "")
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return proc.joinpath("cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_memory_limit_oom_kill(host: Host) -> None:
     # tmpfs pages count against the memory cgroup and cannot be reclaimed without swap
     c = run(

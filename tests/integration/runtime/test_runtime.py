@@ -243,14 +243,14 @@ def test_a_stop_while_runc_makes_the_container_finds_and_kills_it(host: Host) ->
     start, then stops and removes) must find it and kill it: nothing may run on unseen."""
     image = host.agent.call("pull", ref=host.image)
     marker = "424217"  # a sleep no other process runs
+    caught = []
     for attempt in range(3):
         task_id = f"cancelled-{attempt}"
         host.agent.call("create", spec=spec(task_id, host.image, args=["sleep", marker]), image=image)
         try:
-            caught = host.agent.call("start_stopped", task_id=task_id)
+            caught.append(host.agent.call("start_stopped", task_id=task_id))
         finally:
             host.agent.call("remove", task_id=task_id)
-        assert caught, "runc run was never seen: the start was not cancelled in the act"
         found = [
             int(p.name)
             for p in Path("/proc").iterdir()
@@ -259,6 +259,8 @@ def test_a_stop_while_runc_makes_the_container_finds_and_kills_it(host: Host) ->
         running = [pid for pid in found if not process_gone(pid, 2.0)]
         assert running == [], f"attempt {attempt}: the container runs on after its start was cancelled"
         assert_gone(host, task_id, "")
+    # (each attempt waits for `runc run` to show up; one that missed it only tested a late stop)
+    assert any(caught), "runc run was never seen: no stop landed while it made the container"
 
 
 def _cmdline(proc: Path) -> bytes:

@@ -214,24 +214,31 @@ class RuncRuntime:
                 rc = await proc.wait()
             except asyncio.CancelledError:
                 # cancelled (the task is being stopped) while runc makes the container: let it
-                # finish (within reason), still holding the lock, so that the stop that follows
-                # finds a container it can kill, rather than racing runc's own create with the
-                # teardown (a container that got past its setup as its bundle went would run on
-                # unseen: an at-most-one service twice)
+                # finish (within reason), still holding the lock, and record what it made, so
+                # that the stop that follows (it waits for the lock) finds a container it can
+                # kill, rather than racing runc's own create with the teardown (a container that
+                # got past its setup as its bundle went would run on unseen: an at-most-one
+                # service twice)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), RUNC_RUN_GRACE)
+                if proc.returncode == 0:
+                    with contextlib.suppress(OSError, ValueError):
+                        self._started(task_id, int(pidfile.read_text().strip()), started_at)
                 raise
             if rc != 0:
                 reason = _runc_log_error(bundle / "runc.log") or f"runc run exited with {rc}"
                 await self._runc("delete", "--force", task_id, check=False)
                 raise ContainerError(f"container failed to start: {reason}")
             pid = int(pidfile.read_text().strip())
-            _write_json(bundle / "run.json", {"pid": pid, "started_at": started_at})
-            self._watch(task_id, pid)  # a pidfd now, before the pid could be recycled
+            self._started(task_id, pid, started_at)
             return RunningContainer(
                 task_id=task_id, pid=pid, ip=str(saved.get("ip", "")),
                 image_digest=str(saved.get("image_digest", "")), started_at=started_at,
             )  # fmt: skip
+
+    def _started(self, task_id: str, pid: int, started_at: float) -> None:
+        _write_json(self.bundle(task_id) / "run.json", {"pid": pid, "started_at": started_at})
+        self._watch(task_id, pid)  # a pidfd now, before the pid could be recycled
 
     async def wait(self, task_id: str) -> ExitStatus:
         pid = await self._current_pid(task_id)
@@ -240,6 +247,13 @@ class RuncRuntime:
         return await asyncio.shield(self._watch(task_id, pid))
 
     async def stop(self, task_id: str, timeout: float = 10.0) -> None:
+        busy = self._locks.get(task_id)
+        if busy is not None and busy.locked():
+            # a create or start under way first: a start being cancelled lets `runc run` finish
+            # and records what it made, which this stop is then to kill
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RUNC_RUN_GRACE), busy:
+                    pass
         pid = await self._current_pid(task_id)
         if pid is None:
             return

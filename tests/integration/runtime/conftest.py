@@ -73,8 +73,8 @@ def http_get_retry(host: str, port: int, path: str = "/", deadline: float = 10.0
             time.sleep(0.1)
 
 
-def _wait_for_runc_run(task_id: str, timeout: float) -> bool:
-    """Whether a `runc ... run ... <task_id>` process showed up within ``timeout``."""
+def _wait_for_runc_run(task_id: str, timeout: float) -> int:
+    """The pid of a `runc ... run ... <task_id>` process, once one shows up (0: none did)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         for proc in Path("/proc").iterdir():
@@ -85,9 +85,18 @@ def _wait_for_runc_run(task_id: str, timeout: float) -> bool:
             except OSError:
                 continue
             if b"run" in argv and task_id.encode() in argv and argv[0].endswith(b"runc"):
-                return True
+                return int(proc.name)
         time.sleep(0.001)
-    return False
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    """Running, not gone and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _serve(config: dict[str, Any]) -> None:
@@ -127,17 +136,29 @@ def _serve(config: dict[str, Any]) -> None:
         if op == "start":
             return dataclasses.asdict(await runtime.start(req["task_id"]))
         if op == "start_stopped":
-            # start, and stop while `runc run` is making the container, as the agent's runner
-            # does (cancel the start, then stop and remove at once); returns whether runc was
-            # caught in the act
-            starting = asyncio.create_task(runtime.start(req["task_id"]))
-            caught = await asyncio.to_thread(_wait_for_runc_run, req["task_id"], 10.0)
+            # start, and stop while `runc run` is making the container. "after": as the agent's
+            # runner does (cancel the start, then stop); "during": a stop racing the cancelled
+            # start, as the watchdog's hurried kill of a stop under way. Says whether the cancel
+            # landed while runc ran (`caught`) and which container pid the stop could find
+            # (`found`, None if none; only "after") or was left running once it returned (`left`)
+            task_id = req["task_id"]
+            starting = asyncio.create_task(runtime.start(task_id))
+            runc_pid = await asyncio.to_thread(_wait_for_runc_run, task_id, 10.0)
             starting.cancel()
+            await asyncio.sleep(0)  # the start has been handed its cancellation
+            running = runc_pid > 0 and _alive(runc_pid)
+            found = None
+            if req["when"] == "during":
+                await runtime.stop(task_id, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError, RuntimeFailure):
                 await starting
-            await runtime.stop(req["task_id"], timeout=1.0)
-            await runtime.remove(req["task_id"])
-            return caught
+            if req["when"] == "after":
+                found = await runtime._current_pid(task_id)
+                await runtime.stop(task_id, timeout=1.0)
+            left = await runtime._current_pid(task_id)  # (a killed one may await its reaping)
+            left = left if left is not None and _alive(left) else None
+            await runtime.remove(task_id)
+            return {"caught": running and starting.cancelled(), "found": found, "left": left}
         if op == "wait":
             return dataclasses.asdict(await runtime.wait(req["task_id"]))
         if op == "stop":

@@ -238,29 +238,38 @@ def test_stop_escalates_to_sigkill(host: Host) -> None:
         host.agent.call("remove", task_id="sleeper")
 
 
-def test_a_stop_while_runc_makes_the_container_finds_and_kills_it(host: Host) -> None:
-    """A stop that lands while `runc run` is still making the container (the agent cancels the
-    start, then stops and removes) must find it and kill it: nothing may run on unseen."""
+@pytest.mark.parametrize("when", ["after", "during"])
+def test_a_stop_while_runc_makes_the_container_finds_and_kills_it(host: Host, when: str) -> None:
+    """A stop that lands while `runc run` is still making the container must find the container
+    runc made and kill it, whether it comes after the cancelled start (the runner's stop) or
+    while it is being cancelled (the watchdog hurrying a stop under way): nothing may run on
+    unseen, and nothing be left behind."""
     image = host.agent.call("pull", ref=host.image)
-    marker = "424217"  # a sleep no other process runs
+    marker = [b"sleep", b"424217", b""]  # the container's command line, which nothing else runs
     caught = []
     for attempt in range(3):
-        task_id = f"cancelled-{attempt}"
-        host.agent.call("create", spec=spec(task_id, host.image, args=["sleep", marker]), image=image)
+        task_id = f"cancelled-{when}-{attempt}"
+        args = [a.decode() for a in marker[:2]]
+        host.agent.call("create", spec=spec(task_id, host.image, args=args), image=image)
         try:
-            caught.append(host.agent.call("start_stopped", task_id=task_id))
+            outcome = host.agent.call("start_stopped", task_id=task_id, when=when)
         finally:
             host.agent.call("remove", task_id=task_id)
+        if outcome["caught"]:  # the start was cancelled while runc ran
+            caught.append(attempt)
+            if when == "after":
+                assert outcome["found"] is not None, f"attempt {attempt}: the stop found no container"
+            assert outcome["left"] is None, f"attempt {attempt}: the container ran on after the stop"
         found = [
             int(p.name)
             for p in Path("/proc").iterdir()
-            if p.name.isdigit() and marker.encode() in _cmdline(p)
+            if p.name.isdigit() and _cmdline(p).split(b"\0") == marker
         ]
         running = [pid for pid in found if not process_gone(pid, 2.0)]
         assert running == [], f"attempt {attempt}: the container runs on after its start was cancelled"
         assert_gone(host, task_id, "")
     # (each attempt waits for `runc run` to show up; one that missed it only tested a late stop)
-    assert any(caught), "runc run was never seen: no stop landed while it made the container"
+    assert caught, "no stop landed while runc run was making the container"
 
 
 def _cmdline(proc: Path) -> bytes:

@@ -80,6 +80,18 @@ def busiest(found: dict[str, tuple[str, int]]) -> str:
     return max(sorted(counts), key=lambda h: counts[h])
 
 
+def moved_off(
+    c: DevCluster, service: str, count: int, host: str, timeout: float
+) -> dict[str, tuple[str, int]]:
+    """Wait until exactly ``count`` containers of the service run, none of them on ``host``."""
+
+    def check() -> dict[str, tuple[str, int]] | None:
+        found = of_service(containers(c), service)
+        return found if len(found) == count and host not in {h for h, _ in found.values()} else None
+
+    return wait_for(check, timeout, f"{count} {service} replicas off {host}")
+
+
 def steady(c: DevCluster, service: str, count: int) -> dict[str, tuple[str, int]]:
     """Wait until exactly ``count`` containers of the service run, matching `service ps`."""
 
@@ -131,16 +143,7 @@ def test_killed_host_work_runs_elsewhere_and_returns_clean(cluster: DevCluster, 
     time.sleep(1.0)  # let the stream open before the fault
     t0 = time.monotonic()
     cluster.kill_host(victim)
-    after = wait_for(
-        lambda: (
-            (r := of_service(containers(cluster), "web"))
-            and len(r) == 8
-            and victim not in {h for h, _ in r.values()}
-            and r
-        ),
-        30,
-        "8 web replicas on the surviving hosts",
-    )
+    after = moved_off(cluster, "web", 8, victim, 30)
     elapsed = time.monotonic() - t0
     assert node_state(cluster, victim) == "down"
     assert all_running(cluster, "web", 8)
@@ -279,15 +282,7 @@ def test_at_most_one_update_and_drain_never_run_two_copies_of_a_slot(
         updated = wait_for(replaced, 120, "4 solo replicas of the new generation")
         victim = busiest(updated)
         berth(cluster, "node", "drain", victim)
-        wait_for(
-            lambda: (
-                (r := of_service(containers(cluster), "solo"))
-                and len(r) == 4
-                and victim not in {h for h, _ in r.values()}
-            ),
-            120,
-            f"all solo replicas off {victim}",
-        )
+        moved_off(cluster, "solo", 4, victim, 120)
     assert len(sampler.samples) > 20
     assert_never_two_copies(sampler.samples)
     berth(cluster, "node", "activate", victim)
@@ -379,15 +374,7 @@ def test_drain_keeps_the_count_while_moving_work(cluster: DevCluster, tmp_path: 
     victim = busiest(before)
     with Sampler(cluster, "web") as sampler:
         berth(cluster, "node", "drain", victim)
-        wait_for(
-            lambda: (
-                (r := of_service(containers(cluster), "web"))
-                and len(r) == 8
-                and victim not in {h for h, _ in r.values()}
-            ),
-            60,
-            f"all web replicas off {victim}",
-        )
+        moved_off(cluster, "web", 8, victim, 60)
     running_counts = [len(s) for s in sampler.samples]
     assert running_counts and min(running_counts) >= 8, f"dropped below 8 during drain: {min(running_counts)}"
     listed = {n["name"]: n for n in nodes(cluster)}

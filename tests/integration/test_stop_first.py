@@ -62,8 +62,11 @@ async def report(cluster: Cluster, session: Session, task_id: str, state: pb.Tas
     cluster._status_inbox.clear()
 
 
-async def running_db(cluster: Cluster, sessions: dict[str, Session]) -> pb.Task:
-    await cluster.create_service(db())
+async def running_db(
+    cluster: Cluster, sessions: dict[str, Session], spec: pb.ServiceSpec | None = None
+) -> pb.Task:
+    """``spec`` (default ``db()``) created, placed and reported running; its one task."""
+    await cluster.create_service(spec or db())
     await cluster.reconcile_once()
     [(node, task_id)] = started(sessions)
     await report(cluster, sessions[node], task_id, pb.TASK_STATE_RUNNING)
@@ -104,10 +107,7 @@ def test_an_update_on_a_full_node_waits_for_the_room_the_old_task_frees(etcd: st
     async def go() -> None:
         store, cluster = await driven_cluster(etcd, "/sf-full/")
         sessions = await register(cluster, "a")
-        await cluster.create_service(db(cpu=1500))  # of 2000m: no room for a second copy
-        await cluster.reconcile_once()
-        [(_, old_id)] = started(sessions)
-        await report(cluster, sessions["a"], old_id, pb.TASK_STATE_RUNNING)
+        old_id = (await running_db(cluster, sessions, db(cpu=1500))).id  # of 2000m: no room for two
         await cluster.apply_service(db(image="postgres:17", cpu=1500))
         await cluster.reconcile_once()
         assert started(sessions) == []

@@ -60,6 +60,15 @@ def manager(runtime: HollowRuntime) -> tuple[TaskManager, list[pb.TaskStatus]]:
     return TaskManager(runtime, node_id="n1", node_name="host-1", report=reports.append), reports
 
 
+async def running_db() -> tuple[GatedStops, TaskManager, list[pb.TaskStatus]]:
+    """A manager on a ``GatedStops`` runtime, running ``db.1.a``."""
+    runtime = GatedStops()
+    tasks, reports = manager(runtime)
+    tasks.apply([task("db.1.a")], [], full=True)
+    await settle()
+    return runtime, tasks, reports
+
+
 def shutdowns(reports: list[pb.TaskStatus], task_id: str) -> int:
     return sum(1 for r in reports if r.task_id == task_id and r.state == pb.TASK_STATE_SHUTDOWN)
 
@@ -71,10 +80,7 @@ async def settle() -> None:
 
 def test_a_running_task_told_to_stop_reports_only_once_it_has_stopped() -> None:
     async def scenario() -> None:
-        runtime = GatedStops()
-        tasks, reports = manager(runtime)
-        tasks.apply([task("db.1.a")], [], full=True)
-        await settle()
+        runtime, tasks, reports = await running_db()
         assert runtime.running == {"db.1.a"}
         tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)
         await settle()
@@ -137,10 +143,7 @@ def test_cut_off_mid_stop_the_watchdog_kills_it_within_its_short_grace() -> None
     at-most-one container, and returns only once the container is gone."""
 
     async def scenario() -> None:
-        runtime = GatedStops()
-        tasks, reports = manager(runtime)
-        tasks.apply([task("db.1.a")], [], full=True)
-        await settle()
+        runtime, tasks, reports = await running_db()
         tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)
         await settle()
         assert runtime.running == {"db.1.a"}  # waiting out its grace
@@ -175,10 +178,7 @@ def test_a_watchdog_stop_under_way_is_not_reported_stopped_on_reconnect() -> Non
 
 def test_a_failed_stop_is_not_reported_stopped_and_is_tried_again_when_asked_again() -> None:
     async def scenario() -> None:
-        runtime = GatedStops()
-        tasks, reports = manager(runtime)
-        tasks.apply([task("db.1.a")], [], full=True)
-        await settle()
+        runtime, tasks, reports = await running_db()
         runtime.broken = True  # e.g. a process stuck in uninterruptible sleep
         runtime.release.set()  # (its grace runs out at once)
         tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)
@@ -266,10 +266,7 @@ def test_told_to_stop_while_a_stop_ends_and_a_runner_is_back_stops_that_runner_t
 
 def test_a_failed_stop_is_tried_again_by_itself_and_then_reported() -> None:
     async def scenario() -> None:
-        runtime = GatedStops()
-        tasks, reports = manager(runtime)
-        tasks.apply([task("db.1.a")], [], full=True)
-        await settle()
+        runtime, tasks, reports = await running_db()
         runtime.broken = True
         runtime.release.set()
         tasks.apply([task("db.1.a", pb.TASK_STATE_SHUTDOWN)], [], full=False)

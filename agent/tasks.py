@@ -74,6 +74,24 @@ def container_spec(task: pb.Task, node_name: str) -> ContainerSpec:
     )
 
 
+async def stop_and_remove(runtime: ContainerRuntime, task_id: str, grace: float) -> str:
+    """Stop a container (SIGTERM, SIGKILL after ``grace``) and remove everything it had; "" once
+    nothing of it runs, else why it may: the removal kills what a failed stop left, so only both
+    failing leaves that doubt."""
+    error = ""
+    try:
+        await runtime.stop(task_id, grace)
+    except RuntimeFailure as exc:
+        log.warning("stop failed task=%s: %s", task_id, exc)
+        error = f"stop failed: {exc.reason}"
+    try:
+        await runtime.remove(task_id)
+        error = ""
+    except RuntimeFailure as exc:
+        log.error("remove failed task=%s: %s", task_id, exc)
+    return error
+
+
 def should_restart(policy: int, status: ExitStatus) -> bool:
     if policy == pb.RESTART_POLICY_NEVER:
         return False
@@ -139,22 +157,12 @@ class TaskRunner:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._main
-        stopped, error = True, ""
-        try:
-            await self.runtime.stop(self.task.id, grace)
-        except RuntimeFailure as exc:
-            log.warning("stop failed task=%s: %s", self.task.id, exc)
-            stopped, error = False, f"stop failed: {exc.reason}"
-        try:
-            await self.runtime.remove(self.task.id)
-            stopped = True
-        except RuntimeFailure as exc:
-            log.error("remove failed task=%s: %s", self.task.id, exc)
-        if stopped:
+        error = await stop_and_remove(self.runtime, self.task.id, grace)
+        if not error:
             self._report(pb.TASK_STATE_SHUTDOWN, "stopped and removed")
         else:
             self._report(pb.TASK_STATE_FAILED, "it may still run", error=error)
-        return stopped
+        return not error
 
     async def _run(self) -> None:
         if self.adopt is not None and self.adopt.running is not None:
@@ -446,18 +454,7 @@ class TaskManager:
     async def _remove_found(self, task_id: str, grace: float = 10.0) -> bool:
         """Stop and remove a container no runner holds; True once it no longer runs."""
         log.info("removing container no longer assigned task=%s", task_id)
-        stopped = True
-        try:
-            await self.runtime.stop(task_id, grace)
-        except RuntimeFailure as exc:
-            log.warning("stop failed task=%s: %s", task_id, exc)
-            stopped = False
-        try:
-            await self.runtime.remove(task_id)  # kills what is left
-            stopped = True
-        except RuntimeFailure as exc:
-            log.error("remove failed task=%s: %s", task_id, exc)
-        return stopped
+        return not await stop_and_remove(self.runtime, task_id, grace)
 
     def _background(
         self, stop: Coroutine[Any, Any, bool], task_id: str, *, at_most_one: bool, reports: bool = False

@@ -37,7 +37,6 @@ from berth.controller.planning import (
     Snapshot,
     Work,
     held_reason,
-    held_slots,
     needs_new_tasks,
     preview,
     scheduling_step,
@@ -923,9 +922,8 @@ class Cluster:
         for r, new in step.stops.values():  # at-most-one updates: the old spec must go
             ops += self._stop_first(r, new)
             moved.append((r, new))
-        held = held_slots(snap.retiring)
         for key, task in list(fresh.items()):
-            old_id = held.get((task.service, task.slot))
+            old_id = step.held.get((task.service, task.slot))
             if old_id is not None:  # made while its slot's old task still stops: it waits too
                 ops.append(self.state.put(key, placement.with_reason(task, held_reason(old_id))))
                 del fresh[key]

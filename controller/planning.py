@@ -42,6 +42,8 @@ class Step:
     replacements: dict[str, tuple[Replacement, pb.Task]] = field(default_factory=dict)  # new id -> ...
     # stop-first moves made whatever the plan (updates of at-most-one services): new id -> ...
     stops: dict[str, tuple[Replacement, pb.Task]] = field(default_factory=dict)
+    # slots whose task waits for its old one to stop (``held_slots``): (service, slot) -> old id
+    held: dict[tuple[str, int], str] = field(default_factory=dict)
     nodes: list[NodeInfo] = field(default_factory=list)
     plan: Plan | None = None
 
@@ -70,8 +72,8 @@ def scheduling_step(
     """``worth_planning``, given what there is to place, may say it is not worth planning (the
     caller knows nothing changed since the same work last placed nothing): the step then stops
     before the costly part, with ``plan`` None."""
-    step = Step()
-    held = held_slots(snap.retiring)
+    step = Step(held=held_slots(snap.retiring))
+    held = step.held
     unplaced = [
         (key, t)
         for key, t in snap.tasks.items()
@@ -214,9 +216,8 @@ def preview(
                 response.pending.add(
                     service=task.service, slot=task.slot, reason=w.reason, rejections=dict(w.rejections)
                 )
-    held = held_slots(snap.retiring)
     for task in sorted(tasks.values(), key=lambda t: (t.service, t.slot)):
-        old_id = held.get((task.service, task.slot))
+        old_id = step.held.get((task.service, task.slot))
         if task.service in wanted and not task.node_id and old_id is not None:
             # its predecessor is stopping (a stop-first move): it is placed once that is done
             response.pending.add(service=task.service, slot=task.slot, reason=held_reason(old_id))

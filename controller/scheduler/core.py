@@ -237,23 +237,35 @@ class _Run:
         rows = np.flatnonzero(filters.feasible(self.table.size, checks))
         if rows.size == 0:
             return [self.place(task) for task in tasks]
-        slots = [task.slot for task in tasks]
-        index = replicas.ReplicaIndex.start(self.table, self.ports, first, request, rows, slots)
+        index = replicas.ReplicaIndex.start(self.table, self.ports, first, request, rows)
         if index is None:
             return [self.place(task) for task in tasks]
+        ids = self.table.ids
         outcomes: list[Placement | Pending] = []
-        for done, task in enumerate(tasks):
-            row = index.take()
-            if row < 0:  # no node left: the per-task path says why (and remembers it)
-                outcomes.extend(self.place(task) for task in tasks[done:])
+        done = 0
+        while done < len(tasks):
+            # host ports are allocated node by node: take one node at a time then
+            chosen = index.take(1 if first.ports else len(tasks) - done)
+            if chosen.size == 0:  # no node left: the per-task path says why (and remembers it)
                 break
-            mapped = self.ports.allocate(row, task.ports) if task.ports else ()
-            self.table.commit(row, request, task.service)
-            self._committed.append(row)
-            outcomes.append(Placement(task_id=task.task_id, node_id=self.table.ids[row], ports=mapped))
-            if not index.update(row):
-                outcomes.extend(self.place(task) for task in tasks[done + 1 :])
+            mapped = (
+                [self.ports.allocate(row, first.ports) for row in chosen.tolist()] if first.ports else None
+            )
+            self.table.commit_rows(chosen, request, first.service)
+            stand = index.update(chosen)
+            if stand is not None:  # the index cannot be trusted after ``stand`` nodes
+                self.table.uncommit_rows(chosen[stand:], request, first.service)
+                chosen = chosen[:stand]
+            placed = chosen.tolist()
+            self._committed.extend(placed)
+            outcomes.extend(
+                Placement(task_id=task.task_id, node_id=ids[row], ports=mapped[i] if mapped else ())
+                for i, (task, row) in enumerate(zip(tasks[done : done + len(placed)], placed, strict=True))
+            )
+            done += len(placed)
+            if stand is not None:
                 break
+        outcomes.extend(self.place(task) for task in tasks[done:])
         return outcomes
 
     def request(self, task: TaskRequest) -> IntArray:

@@ -31,9 +31,13 @@ ones before it. Every ranker gives a key per node, lower is better:
    Scores are rounded to :data:`SCORE_DECIMALS` decimals, so scores that differ only by float
    noise are equal and the next ranker decides.
 3. **Own spread** (:func:`spread_counts`): the node with fewest replicas of the same service.
-4. **Seeded tie-break** (:func:`tie_keys`): a 64-bit hash of ``(seed, node id, service, slot)``,
-   stable across processes; never input order, never ``hash()``, never the task id (a plan and
-   its later apply give the same slot different task ids and must pick the same node).
+4. **Seeded tie-break** (:func:`tie_keys`): a 64-bit hash of ``(seed, node id, service)``, stable
+   across processes; never input order, never ``hash()``, never the task id (a plan and its later
+   apply give the same slot different task ids and must pick the same node). Each service thus
+   has its own pseudo-random order of otherwise equal nodes, and its replicas take them in that
+   order (each placement makes its node rank worse for the next). Not the slot: with one order
+   per service, the replica fast path (:mod:`.replicas`) hands a whole group of tied nodes to
+   consecutive replicas at once, where a per-slot hash made it pick one node at a time.
 
 Why subtract ``own`` when bin-packing: with plain best fit, a service's own replicas make a node
 look fuller, so identical replicas on identical nodes would pile onto one node. Fit measured
@@ -189,14 +193,14 @@ def spread_counts(table: NodeTable, rows: IntArray, service: str) -> IntArray:
     return counts
 
 
-def slot_hash(table: NodeTable, service: str, slot: int) -> int:
-    """The seeded hash of a service's slot that :func:`tie_keys` mixes with each node's."""
-    return stable_hash(table.seed, f"{service}\0{slot}")
+def service_hash(table: NodeTable, service: str) -> int:
+    """The seeded hash of a service that :func:`tie_keys` mixes with each node's."""
+    return stable_hash(table.seed, service)
 
 
-def tie_keys(table: NodeTable, rows: IntArray, service: str, slot: int) -> HashArray:
-    """Seeded, process-stable pseudo-random key per node in ``rows`` for a service's slot."""
-    return mix64(table.node_hashes[rows] ^ np.uint64(slot_hash(table, service, slot)))
+def tie_keys(table: NodeTable, rows: IntArray, service: str) -> HashArray:
+    """Seeded, process-stable pseudo-random key per node in ``rows`` for a service."""
+    return mix64(table.node_hashes[rows] ^ np.uint64(service_hash(table, service)))
 
 
 def rankers(table: NodeTable, request: IntArray, task: TaskRequest) -> list[Ranker]:
@@ -210,7 +214,7 @@ def rankers(table: NodeTable, request: IntArray, task: TaskRequest) -> list[Rank
         return spread_counts(table, rows, task.service)
 
     def tie(rows: IntArray) -> Key:
-        return tie_keys(table, rows, task.service, task.slot)
+        return tie_keys(table, rows, task.service)
 
     return [*by_domain, load, own, tie]
 

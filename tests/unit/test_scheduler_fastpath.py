@@ -201,11 +201,18 @@ def test_fast_path_ranks_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 2
 
 
-def test_untrusted_index_falls_back_to_the_per_task_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    nodes = [node(f"n{i}", used_cpu=i * 100) for i in range(10)]
-    work = service("web", 30, resources=Resources(cpu_millis=100), strategy=Strategy.SPREAD)
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_untrusted_index_falls_back_to_the_per_task_path(
+    monkeypatch: pytest.MonkeyPatch, strategy: Strategy
+) -> None:
+    # The index says only the first node of each stretch it handed out stands: the placements
+    # after it are undone and the per-task path places the rest of the run, as if the fast path
+    # had never been taken.
+    nodes = [node(f"n{i}", used_cpu=(i % 3) * 100) for i in range(10)]
+    work = service("web", 30, resources=Resources(cpu_millis=100), strategy=strategy)
+    work += service("db", 30, resources=Resources(cpu_millis=300), strategy=strategy)
     expected = schedule(nodes, work, _fast=False)
-    monkeypatch.setattr(replicas.ReplicaIndex, "update", lambda self, row: False)
+    monkeypatch.setattr(replicas.ReplicaIndex, "update", lambda self, rows: 1)
     assert schedule(nodes, work) == expected
 
 
@@ -237,16 +244,29 @@ def test_equal_tie_hashes_go_to_the_lower_row() -> None:
     assert fast.pending[0].rejections == {"host port conflict": 1, "insufficient cpu": 1}
 
 
-def test_tie_keys_equal_to_the_mask_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every tie key the largest uint64, the value the fast path masks taken nodes with: the
-    # lowest row not yet taken must still win, as in the per-task path.
+def test_equal_tie_keys_go_to_the_lower_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every tie key equal (the largest uint64): the lowest row still free wins, as in the
+    # per-task path, and each node takes one replica before any takes a second.
     def saturated(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         return np.full(values.shape, np.iinfo(np.uint64).max, dtype=np.uint64)
 
     monkeypatch.setattr(scoring, "mix64", saturated)
-    monkeypatch.setattr(replicas, "mix64", saturated)
     nodes = [node(f"n{i}") for i in range(6)]
     work = service("web", 20, resources=Resources(cpu_millis=100))
     fast, slow = both(nodes, work)
     assert fast == slow
     assert [p.node_id for p in fast.placements[:7]] == ["n0", "n1", "n2", "n3", "n4", "n5", "n0"]
+
+
+def test_a_service_takes_tied_nodes_in_its_own_order() -> None:
+    # 12 replicas on 6 equal nodes: two rounds over the nodes, each in the service's order; a
+    # service of another name orders them differently.
+    nodes = [node(f"n{i}") for i in range(6)]
+    orders = []
+    for name in ("web", "api"):
+        plan = schedule(nodes, service(name, 12, resources=Resources(cpu_millis=100)))
+        placed = [p.node_id for p in plan.placements]
+        assert placed[:6] == placed[6:]
+        assert sorted(placed[:6]) == [f"n{i}" for i in range(6)]
+        orders.append(placed[:6])
+    assert orders[0] != orders[1]

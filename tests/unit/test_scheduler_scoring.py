@@ -3,6 +3,7 @@ choose() and order() combine them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -269,17 +270,16 @@ def test_tie_keys_are_seeded_and_stable() -> None:
     nodes = [node(f"n{i}") for i in range(8)]
     rows = np.arange(8)
 
-    def keys(seed: int, service: str, slot: int) -> list[int]:
-        keys: list[int] = scoring.tie_keys(
-            NodeTable.build(nodes, [], seed=seed), rows, service, slot
-        ).tolist()
+    def keys(seed: int, service: str) -> list[int]:
+        keys: list[int] = scoring.tie_keys(NodeTable.build(nodes, [], seed=seed), rows, service).tolist()
         return keys
 
-    assert keys(0, "web", 1) == keys(0, "web", 1)
-    assert keys(0, "web", 1) != keys(1, "web", 1)
-    assert keys(0, "web", 1) != keys(0, "web", 2)
-    assert keys(0, "web", 1) != keys(0, "db", 1)
-    assert len(set(keys(0, "web", 1))) == 8
+    assert keys(0, "web") == keys(0, "web")
+    assert keys(0, "web") != keys(1, "web")
+    assert keys(0, "web") != keys(0, "db")
+    assert len(set(keys(0, "web"))) == 8
+    # each service has its own order of the nodes, not one shared by all
+    assert np.argsort(keys(0, "web")).tolist() != np.argsort(keys(0, "db")).tolist()
 
 
 def test_tie_keys_ignore_input_order() -> None:
@@ -287,8 +287,8 @@ def test_tie_keys_ignore_input_order() -> None:
     forward = NodeTable.build(nodes, [], seed=3)
     backward = NodeTable.build(nodes[::-1], [], seed=3)
     rows = np.arange(5)
-    by_id_forward = dict(zip(forward.ids, scoring.tie_keys(forward, rows, "web", 1).tolist(), strict=True))
-    by_id_backward = dict(zip(backward.ids, scoring.tie_keys(backward, rows, "web", 1).tolist(), strict=True))
+    by_id_forward = dict(zip(forward.ids, scoring.tie_keys(forward, rows, "web").tolist(), strict=True))
+    by_id_backward = dict(zip(backward.ids, scoring.tie_keys(backward, rows, "web").tolist(), strict=True))
     assert by_id_forward == by_id_backward
 
 
@@ -355,13 +355,13 @@ def test_choose(nodes: list[NodeInfo], t: TaskRequest, expected: str) -> None:
     assert int(scoring.order(table, rows, request, t)[0]) == row
 
 
-def test_choose_tie_break_depends_on_slot_not_task_id_or_order() -> None:
+def test_choose_tie_break_depends_on_service_not_task_id_slot_or_order() -> None:
     nodes = [node(f"n{i}") for i in range(6)]
     picks = set()
-    for slot in range(40):
+    for service in (f"svc{i}" for i in range(40)):
         chosen = set()
-        for tid, ordered in ((f"a.{slot}", nodes), (f"b.{slot}", nodes[::-1])):
-            t = task(cpu=100, tid=tid, slot=slot)
+        for slot, tid, ordered in ((1, f"{service}.a", nodes), (7, f"{service}.b", nodes[::-1])):
+            t = dataclasses.replace(task(cpu=100, tid=tid, slot=slot), service=service)
             table = NodeTable.build(ordered, [t], seed=0)
             chosen.add(table.ids[scoring.choose(table, np.arange(6), table.vector(t.resources), t)])
         assert len(chosen) == 1

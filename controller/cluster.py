@@ -175,22 +175,37 @@ class Cluster:
     # -- the one writer ----------------------------------------------------------------
 
     async def _commit(self, ops: Sequence[Op]) -> None:
-        """Commit ops; as each transaction commits, fold it into the cache. The agents concerned
-        hear of it once the whole call has committed or failed: told as each transaction
-        committed, thousands of agents started work (and reported it) while etcd still took the
-        rest, and on a busy machine their reaction made the commit twice as slow, with every
-        task running no sooner (bench/README.md, session 6). Caller holds the writer lock. A
-        failed transaction raises; the others of the call may have committed, and those are in
-        the cache and on their way to the agents."""
+        """Commit ops, then fold every transaction that committed into the cache, in the order
+        they committed, and tell the agents concerned. Both wait for the end of the call, also
+        when it fails or is cancelled part-way:
+
+        - folding: the event loop that folds is the one that encodes the next transactions, and
+          folding as each one committed kept etcd waiting on the controller (at 100,000 tasks the
+          commit took half as long again). The cache is the writer's view; the writer lock is
+          held until it has caught up, and nothing that committed is left out of it;
+        - telling: told as each transaction committed, thousands of agents started work (and
+          reported it) while etcd still took the rest, and on a busy machine their reaction
+          made the commit twice as slow, with every task running no sooner.
+
+        (bench/README.md, sessions 6 and 7.) Caller holds the writer lock. A failed transaction
+        raises; the others of the call may have committed, and those are in the cache and on
+        their way to the agents."""
         if not ops:
             return
         try:
+            committed: list[tuple[Sequence[Op], dict[str, int]]] = []
             outgoing: list[tuple[str, agent_pb2.ControllerMessage]] = []
             try:
-                await self.store.commit(ops, on_batch=functools.partial(self._fold, outgoing=outgoing))
+                await self.store.commit(
+                    ops, on_batch=lambda batch, revisions: committed.append((batch, revisions))
+                )
             finally:
-                for node_id, message in outgoing:  # in the order the transactions were folded
-                    self.hub.send(node_id, message)
+                try:
+                    for batch, revisions in committed:
+                        self._fold(batch, revisions, outgoing=outgoing)
+                finally:
+                    for node_id, message in outgoing:  # in the order the transactions were folded
+                        self.hub.send(node_id, message)
         except ConflictError:
             log.warning("write conflict; reloading state from etcd")
             await self._reload()
@@ -214,14 +229,15 @@ class Cluster:
         self,
         batch: Sequence[Op],
         revisions: dict[str, int],
-        outgoing: list[tuple[str, agent_pb2.ControllerMessage]] | None = None,
+        *,
+        outgoing: list[tuple[str, agent_pb2.ControllerMessage]],
     ) -> None:
-        """Fold one committed transaction into the cache and tell each agent concerned what it
-        must now run or stop (at once, or by appending to ``outgoing``: see ``_commit``): the
-        difference in what the cache says the node holds before and after the transaction. A
-        drained task moves from its slot to ``retiring/`` on the same node in one transaction
-        (the two writes are chained with ``with_next``), so it is neither; a task told to stop
-        moves the same way with desired state SHUTDOWN, and is sent again so."""
+        """Fold one committed transaction into the cache and add to ``outgoing`` what each agent
+        concerned must now run or stop (``_commit`` sends it): the difference in what the cache
+        says the node holds before and after the transaction. A drained task moves from its slot
+        to ``retiring/`` on the same node in one transaction (the two writes are chained with
+        ``with_next``), so it is neither; a task told to stop moves the same way with desired
+        state SHUTDOWN, and is sent again so."""
         touched: set[tuple[str, str]] = set()  # (node id, task id)
         tasks, retiring, statuses = self.keys.tasks, self.keys.retiring, self.keys.statuses
         if not all(op.key.startswith(statuses) for op in batch):
@@ -256,10 +272,7 @@ class Cluster:
             assignments.full = False
             assignments.tasks.extend(sorted(added.get(node_id, []), key=_service_slot))
             assignments.removed.extend(sorted(removed.get(node_id, [])))
-            if outgoing is not None:
-                outgoing.append((node_id, message))
-            else:
-                self.hub.send(node_id, message)
+            outgoing.append((node_id, message))
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:

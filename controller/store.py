@@ -238,8 +238,10 @@ class Store:
         batch only independent writes together (each guard covers its own key), and chain with
         ``with_next`` the ops that must commit, or fail, together.
         ``on_batch(batch, revisions)`` is called as each transaction commits, before the next
-        ones finish: the caller can act on what is durable (fold it into its cache) while etcd
-        takes the rest, and a failure later on loses none of what already committed.
+        ones finish: when a later one fails (or the call is cancelled), the caller still knows
+        exactly what is durable and loses none of it. It runs on the event loop that encodes the
+        next transactions, so it should be quick (the controller only notes the batch, and folds
+        them all once the call ends).
 
         When every key appears once, up to ``TXNS_IN_FLIGHT`` transactions are open at a time:
         the next batch is encoded while etcd commits the previous ones, and etcd folds

@@ -159,21 +159,24 @@ class Stalling(Store):
     """The real store, except that the transaction holding ``stall_key`` never returns."""
 
     stall_key = ""
+    committed = 0  # transactions that returned
 
     async def _commit_batch(self, batch: Sequence[Op]) -> int:
         if any(op.key == self.stall_key for op in batch):
             await asyncio.Event().wait()
-        return await super()._commit_batch(batch)
+        revision = await super()._commit_batch(batch)
+        self.committed += 1
+        return revision
 
 
 def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_it_fails(
     etcd: str,
 ) -> None:
-    """A commit of many transactions is folded into the cache as each one commits, but the agents
-    are told only when the commit ends (their reaction would slow the rest of it), in the order
-    the transactions were folded; when a transaction of it conflicts, or the commit is cancelled
-    while one is in flight, the agents still hear of every one that committed (before the full
-    resend that follows a reload)."""
+    """A commit of many transactions is folded into the cache and told to the agents only when
+    it ends (folding would keep etcd waiting, the agents' reaction would slow the rest of it),
+    the agents in the order the transactions were folded; when a transaction of it conflicts, or
+    the commit is cancelled while one is in flight, every one that committed is still folded
+    and told (before the full resend that follows a reload)."""
     from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
     from berth.proto.berth.v1 import agent_pb2
@@ -232,16 +235,25 @@ def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_i
 
         sent.clear()
         told_while_folding.clear()
+        folded.clear()
         store.stall_key = store.keys.task("jobs", 300)  # the third transaction never returns
+        store.committed = 0
         commit = asyncio.create_task(cluster._commit(ops("jobs")))
-        while len(told_while_folding) < 3:
+        while store.committed < 3:
             await asyncio.sleep(0.01)
-        assert sent == []  # still committing
+        await asyncio.sleep(0.05)
+        # still committing: three transactions are in etcd, and neither the cache nor the agents
+        # know of them yet
+        assert folded == [] and sent == []
+        jobs = f"{store.keys.tasks}jobs/"
+        assert not any(key.startswith(jobs) for key in cluster.state.tasks)
         commit.cancel()
         with pytest.raises(asyncio.CancelledError):
             await commit
+        assert sorted(folded) == ["jobs.0", "jobs.128", "jobs.384"]
+        in_cache = {s.value.id for key, s in cluster.state.tasks.items() if key.startswith(jobs)}
         told = {t.id for _, a in sent for t in a.tasks}
-        assert told == {f"jobs.{i}" for i in range(400) if not 256 <= i < 384}
+        assert told == in_cache == {f"jobs.{i}" for i in range(400) if not 256 <= i < 384}
         assert not any(a.full for _, a in sent)
         await store.close()
 

@@ -44,25 +44,27 @@ class _KeysOnly:
     keys = KEYS
 
 
-def _cluster(*tasks: tuple[str, pb.Task]) -> tuple[Cluster, list[tuple[str, agent_pb2.Assignments]]]:
+def _cluster(*tasks: tuple[str, pb.Task]) -> Cluster:
     cluster = Cluster(cast(Store, _KeysOnly()))
     cluster.state = ClusterState(keys=KEYS, tasks={key: Stored(task, 5) for key, task in tasks})
-    sent: list[tuple[str, agent_pb2.Assignments]] = []
+    return cluster
 
-    def send(node_id: str, message: agent_pb2.ControllerMessage) -> bool:
-        sent.append((node_id, message.assignments))
-        return True
 
-    cluster.hub.send = send  # type: ignore[method-assign]
-    return cluster, sent
+def _fold(
+    cluster: Cluster, batch: list[Op], revisions: dict[str, int]
+) -> list[tuple[str, agent_pb2.Assignments]]:
+    """What folding ``batch`` tells the agents: (node id, assignments), in order."""
+    outgoing: list[tuple[str, agent_pb2.ControllerMessage]] = []
+    cluster._fold(batch, revisions, outgoing=outgoing)
+    return [(node_id, message.assignments) for node_id, message in outgoing]
 
 
 def test_a_drain_move_tells_the_old_node_nothing() -> None:
     old = pb.Task(id="web.1.old", service="web", slot=1, node_id="A")
     new = pb.Task(id="web.1.new", service="web", slot=1, node_id="B")
-    cluster, sent = _cluster((SLOT, old))
+    cluster = _cluster((SLOT, old))
     batch: list[Op] = [Put(SLOT, new, 5, with_next=True), Put(KEYS.retiring_task(old.id), old, 0)]
-    cluster._fold(batch, {op.key: 9 for op in batch})
+    sent = _fold(cluster, batch, {op.key: 9 for op in batch})
     assert [(node, [t.id for t in a.tasks], list(a.removed)) for node, a in sent] == [("B", [new.id], [])]
     assert set(cluster.state.on_node["A"]) == {old.id}
 
@@ -70,8 +72,8 @@ def test_a_drain_move_tells_the_old_node_nothing() -> None:
 def test_a_replacement_stops_the_old_task_and_starts_the_new_one() -> None:
     old = pb.Task(id="web.1.old", service="web", slot=1, node_id="A")
     new = pb.Task(id="web.1.new", service="web", slot=1, node_id="B")
-    cluster, sent = _cluster((SLOT, old))
-    cluster._fold([Put(SLOT, new, 5)], {SLOT: 9})
+    cluster = _cluster((SLOT, old))
+    sent = _fold(cluster, [Put(SLOT, new, 5)], {SLOT: 9})
     got = sorted((node, [t.id for t in a.tasks], list(a.removed)) for node, a in sent)
     assert got == [("A", [], [old.id]), ("B", [new.id], [])]
     assert cluster.state.revision_of(SLOT) == 9

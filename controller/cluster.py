@@ -3,8 +3,8 @@
 Every change (API calls, agent registrations and reports, the loop's reconcile and placement
 decisions, nodes declared down) goes through ``Cluster._commit`` under one lock: ops are guarded
 by the revisions in the cache, committed to etcd in batches, folded into the cache only after
-etcd accepted them (so a failed call changes nothing), and then the affected agents are told
-what changed.
+etcd accepted them (so a failed call changes it by what etcd did commit, and nothing else), and
+then the affected agents are told what changed.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ STATUS_FLUSH_DELAY = 0.02
 COALESCE_DELAY = 0.02
 COALESCE_MAX = 0.5
 STALL_LIMIT = 1.0  # a liveness tick this late means the controller itself was not running
+FOLD_CHUNK = 64  # transactions folded between two yields to the event loop (see _catch_up)
 SUSPECT_INTERVALS = 2.0  # a node silent this many heartbeat intervals no longer vouches for its tasks
 
 _STATE_EVENTS = {
@@ -176,13 +177,14 @@ class Cluster:
 
     async def _commit(self, ops: Sequence[Op]) -> None:
         """Commit ops, then fold every transaction that committed into the cache, in the order
-        they committed, and tell the agents concerned. Both wait for the end of the call, also
-        when it fails or is cancelled part-way:
+        the store reported them, and tell the agents concerned. Both wait for the end of the
+        call, also when it fails or is cancelled part-way:
 
         - folding: the event loop that folds is the one that encodes the next transactions, and
           folding as each one committed kept etcd waiting on the controller (at 100,000 tasks the
-          commit took half as long again). The cache is the writer's view; the writer lock is
-          held until it has caught up, and nothing that committed is left out of it;
+          commit took half as long again). The writer lock is held until the cache has caught up
+          with every transaction the store reported (one whose reply was lost leaves the cache
+          uncertain: the next writer reloads);
         - telling: told as each transaction committed, thousands of agents started work (and
           reported it) while etcd still took the rest, and on a busy machine their reaction
           made the commit twice as slow, with every task running no sooner.
@@ -192,20 +194,16 @@ class Cluster:
         their way to the agents."""
         if not ops:
             return
+        committed: list[tuple[Sequence[Op], dict[str, int]]] = []
         try:
-            committed: list[tuple[Sequence[Op], dict[str, int]]] = []
-            outgoing: list[tuple[str, agent_pb2.ControllerMessage]] = []
             try:
                 await self.store.commit(
                     ops, on_batch=lambda batch, revisions: committed.append((batch, revisions))
                 )
-            finally:
-                try:
-                    for batch, revisions in committed:
-                        self._fold(batch, revisions, outgoing=outgoing)
-                finally:
-                    for node_id, message in outgoing:  # in the order the transactions were folded
-                        self.hub.send(node_id, message)
+            except BaseException:
+                self._catch_up_at_once(committed)
+                raise
+            await self._catch_up(committed)
         except ConflictError:
             log.warning("write conflict; reloading state from etcd")
             await self._reload()
@@ -224,6 +222,43 @@ class Cluster:
             # transactions were in flight: some may have committed without our hearing of it
             self._uncertain = True
             raise
+
+    async def _catch_up(self, committed: Sequence[tuple[Sequence[Op], dict[str, int]]]) -> None:
+        """Fold a commit that went through, then tell the agents. Every ``FOLD_CHUNK``
+        transactions it lets the event loop answer heartbeats (100,000 tasks take most of a
+        second to fold); cancelled meanwhile, it folds the rest at once before giving way."""
+        outgoing: list[tuple[str, agent_pb2.ControllerMessage]] = []
+        done = 0
+        try:
+            for batch, revisions in committed:
+                self._fold(batch, revisions, outgoing=outgoing)
+                done += 1
+                if done % FOLD_CHUNK == 0 and done < len(committed):
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:  # (raised only by the yield: the folds do not await)
+            for batch, revisions in committed[done:]:
+                self._fold(batch, revisions, outgoing=outgoing)
+            raise
+        finally:
+            self._send(outgoing)
+
+    def _catch_up_at_once(self, committed: Sequence[tuple[Sequence[Op], dict[str, int]]]) -> None:
+        """Fold what committed of a call that is failing or cancelled, then tell the agents,
+        without yielding; a fold that fails then leaves the cache uncertain (the next writer
+        reloads) instead of taking the place of the call's own exception."""
+        outgoing: list[tuple[str, agent_pb2.ControllerMessage]] = []
+        try:
+            for batch, revisions in committed:
+                self._fold(batch, revisions, outgoing=outgoing)
+        except Exception:
+            log.exception("applying a commit failed; the next writer reloads state from etcd")
+            self._uncertain = True
+        finally:
+            self._send(outgoing)
+
+    def _send(self, outgoing: Sequence[tuple[str, agent_pb2.ControllerMessage]]) -> None:
+        for node_id, message in outgoing:  # in the order the transactions were folded
+            self.hub.send(node_id, message)
 
     def _fold(
         self,

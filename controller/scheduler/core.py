@@ -244,13 +244,12 @@ class _Run:
         outcomes: list[Placement | Pending] = []
         done = 0
         while done < len(tasks):
-            # host ports are allocated node by node: take one node at a time then
+            # an untrusted index undoes part of a stretch in the table, and the port book cannot
+            # give a port back: with host ports, one node at a time (its first node always stands)
             chosen = index.take(1 if first.ports else len(tasks) - done)
             if chosen.size == 0:  # no node left: the per-task path says why (and remembers it)
                 break
-            mapped = (
-                [self.ports.allocate(row, first.ports) for row in chosen.tolist()] if first.ports else None
-            )
+            mapped = [self.ports.allocate(row, first.ports) for row in chosen.tolist()] if first.ports else []
             self.table.commit_rows(chosen, request, first.service)
             stand = index.update(chosen)
             if stand is not None:  # the index cannot be trusted after ``stand`` nodes

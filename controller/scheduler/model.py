@@ -161,6 +161,8 @@ class TaskRequest:
     task_id: str
     service: str
     slot: int = 0
+    """The slot's number: it orders a service's replicas, and never decides between nodes (the
+    tie-break is per service, see :mod:`.scoring`)."""
     resources: Resources = field(default_factory=Resources)
     ports: tuple[PortRequest, ...] = ()
     constraints: tuple[Constraint, ...] = ()
@@ -220,7 +222,8 @@ class Plan:
 #
 # Inside one schedule() call the nodes live in a NodeTable: one row per node, one column per
 # resource dimension, so that feasibility and scoring for a task over every node are array
-# arithmetic. It is private to the scheduler and mutated only through NodeTable.commit().
+# arithmetic. It is private to the scheduler and mutated only through NodeTable.commit() and
+# its relatives (commit_rows, uncommit, uncommit_rows).
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -272,7 +275,7 @@ class NodeTable:
         self.node_hashes: HashArray = np.array([stable_hash(seed, i) for i in self.ids], dtype=np.uint64)
         self.seed = seed
         self.version = 0
-        """Bumped by every commit(), so callers can tell whether the table changed."""
+        """Bumped by every commit() and its relatives, so callers can tell whether the table changed."""
         self._labels = [node.labels for node in nodes]
         self._label_values: dict[str, npt.NDArray[np.object_]] = {}
         self._constraint_masks: dict[Constraint, BoolArray] = {}

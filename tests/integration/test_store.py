@@ -255,6 +255,94 @@ def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_i
         told = {t.id for _, a in sent for t in a.tasks}
         assert told == in_cache == {f"jobs.{i}" for i in range(400) if not 256 <= i < 384}
         assert not any(a.full for _, a in sent)
+        assert cluster._uncertain  # the stalled transaction may yet commit: the next writer reloads
+        await store.close()
+
+    run(go())
+
+
+def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds_the_rest(
+    etcd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that went through is folded in chunks with the event loop let in between (a
+    heartbeat must not wait for 100,000 tasks to be folded); cancelled in between, the rest is
+    folded at once and the agents told of all of it. A fold that fails while a commit is being
+    cancelled leaves the cache uncertain and the cancellation goes on."""
+    from berth.controller import cluster as cluster_module
+    from berth.controller.cluster import Cluster
+    from berth.proto.berth.v1 import agent_pb2
+
+    monkeypatch.setattr(cluster_module, "FOLD_CHUNK", 1)
+
+    async def go() -> None:
+        store = Stalling(etcd, "/chunks/")
+        nodes = [pb.Node(id=f"n{i}", name=f"host-{i}", state=pb.NODE_STATE_READY) for i in range(4)]
+        await store.commit([Put(store.keys.node(n.id), n, 0) for n in nodes])
+        cluster = Cluster(store)
+        await cluster.start()
+        await cluster.stop()  # the loops are not needed: the test drives _commit itself
+        sent: list[tuple[str, agent_pb2.Assignments]] = []
+        cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
+        fold = cluster._fold
+        ticks = 0
+        ticks_at_fold: list[int] = []
+
+        def counting_fold(batch: Sequence[Op], revisions: dict[str, int], **kwargs: object) -> None:
+            ticks_at_fold.append(ticks)
+            fold(batch, revisions, **kwargs)  # type: ignore[arg-type]
+
+        cluster._fold = counting_fold  # type: ignore[method-assign]
+
+        def ops(service: str) -> list[Op]:
+            tasks = [pb.Task(id=f"{service}.{i}", slot=i, node_id=f"n{i // 100}") for i in range(400)]
+            return [Put(store.keys.task(service, t.slot), t, 0) for t in tasks]
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.create_task(ticker())
+        await cluster._commit(ops("web"))
+        assert len(ticks_at_fold) == 4
+        assert len(set(ticks_at_fold)) == 4  # the loop ran between every two folds
+        assert len({t.id for _, a in sent for t in a.tasks}) == 400
+
+        # cancelled while it lets the loop in after the first fold: the other three are folded
+        sent.clear()
+        ticks_at_fold.clear()
+        commit = asyncio.create_task(cluster._commit(ops("api")))
+        while not ticks_at_fold:
+            await asyncio.sleep(0)
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+        assert len(ticks_at_fold) == 4
+        assert {t.id for _, a in sent for t in a.tasks} == {f"api.{i}" for i in range(400)}
+        assert {s.value.id for key, s in cluster.state.tasks.items() if "/api/" in key} == {
+            f"api.{i}" for i in range(400)
+        }
+        assert cluster._uncertain
+        ticking.cancel()
+
+        # a fold that fails while the commit is being cancelled: the cancellation goes on
+        await cluster._reload()
+        sent.clear()
+
+        def broken_fold(batch: object, revisions: object, **kwargs: object) -> None:
+            raise RuntimeError("bug while folding")
+
+        cluster._fold = broken_fold  # type: ignore[method-assign]
+        store.stall_key = store.keys.task("jobs", 300)
+        store.committed = 0
+        commit = asyncio.create_task(cluster._commit(ops("jobs")))
+        while store.committed < 3:
+            await asyncio.sleep(0.01)
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+        assert cluster._uncertain
         await store.close()
 
     run(go())

@@ -24,6 +24,8 @@ from berth.controller.scheduler import (
     schedule,
     scoring,
 )
+from berth.controller.scheduler.model import NodeTable
+from berth.controller.scheduler.ports import PortBook
 
 DYNAMIC = (30000, 30003)
 GIB = 1 << 30
@@ -205,15 +207,49 @@ def test_fast_path_ranks_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_untrusted_index_falls_back_to_the_per_task_path(
     monkeypatch: pytest.MonkeyPatch, strategy: Strategy
 ) -> None:
-    # The index says only the first node of each stretch it handed out stands: the placements
-    # after it are undone and the per-task path places the rest of the run, as if the fast path
-    # had never been taken.
+    # The index says only the first node of each stretch it handed out stands, and it handed out
+    # a wrong node second: the placements after the first are undone and the per-task path
+    # places the rest of the run, as if the fast path had never been taken.
     nodes = [node(f"n{i}", used_cpu=(i % 3) * 100) for i in range(10)]
     work = service("web", 30, resources=Resources(cpu_millis=100), strategy=strategy)
     work += service("db", 30, resources=Resources(cpu_millis=300), strategy=strategy)
     expected = schedule(nodes, work, _fast=False)
+    take = replicas.ReplicaIndex.take
+
+    def wrong_second(self: replicas.ReplicaIndex, limit: int) -> npt.NDArray[np.int64]:
+        rows = take(self, limit).copy()
+        if rows.size >= 2:
+            rows[1] = next(r for r in range(len(nodes)) if r not in rows.tolist())
+        return rows
+
+    undone: list[int] = []
+    uncommit_rows = NodeTable.uncommit_rows
+
+    def counting(self: NodeTable, rows: npt.NDArray[np.int64], *args: object) -> None:
+        undone.append(int(rows.size))
+        uncommit_rows(self, rows, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(replicas.ReplicaIndex, "take", wrong_second)
     monkeypatch.setattr(replicas.ReplicaIndex, "update", lambda self, rows: 1)
+    monkeypatch.setattr(NodeTable, "uncommit_rows", counting)
     assert schedule(nodes, work) == expected
+    assert undone and all(size > 0 for size in undone)
+
+
+def test_update_stops_trusting_at_the_first_node_whose_rank_did_not_get_worse() -> None:
+    nodes = [node(f"n{i}") for i in range(6)]
+    work = service("web", 6, resources=Resources(cpu_millis=100))
+    for corrupt in (False, True):
+        table = NodeTable.build(nodes, work, seed=0)
+        request = table.vector(work[0].resources)
+        index = replicas.ReplicaIndex.start(table, PortBook(nodes, DYNAMIC), work[0], request, np.arange(6))
+        assert index is not None
+        rows = index.take(4)
+        assert rows.size == 4 and len(set(rows.tolist())) == 4
+        table.commit_rows(rows, request, "web")
+        if corrupt:  # as if the third node's placement had left its rank as it was
+            table.service_counts("web")[rows[2]] -= 1
+        assert index.update(rows) == (3 if corrupt else None)
 
 
 def test_negative_allocation_keeps_to_the_per_task_path() -> None:

@@ -7,8 +7,10 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from berth.controller.cluster import Cluster
 from berth.controller.store import MAX_TXN_OPS, ConflictError, Delete, Loaded, Op, Put, Store, StoreError
 from berth.proto.berth.v1 import types_pb2 as pb
+from berth.proto.berth.v1.agent_pb2 import Assignments
 from tests.integration.etcd_server import etcd_server, free_port
 
 pytestmark = pytest.mark.integration
@@ -169,6 +171,29 @@ class Stalling(Store):
         return revision
 
 
+async def four_node_cluster(
+    etcd: str, prefix: str
+) -> tuple[Stalling, Cluster, list[tuple[str, Assignments]]]:
+    """A controller over a stalling store and four ready nodes, its loops stopped (the tests
+    drive ``_commit`` themselves), and the list of what it tells the agents."""
+    store = Stalling(etcd, prefix)
+    nodes = [pb.Node(id=f"n{i}", name=f"host-{i}", state=pb.NODE_STATE_READY) for i in range(4)]
+    await store.commit([Put(store.keys.node(n.id), n, 0) for n in nodes])
+    cluster = Cluster(store)
+    await cluster.start()
+    await cluster.stop()
+    sent: list[tuple[str, Assignments]] = []
+    cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
+    return store, cluster, sent
+
+
+def hundred_per_node(store: Store, service: str) -> list[Op]:
+    """400 tasks of ``service``, node by node as a pass writes them (n0's first): four
+    transactions."""
+    tasks = [pb.Task(id=f"{service}.{i}", slot=i, node_id=f"n{i // 100}") for i in range(400)]
+    return [Put(store.keys.task(service, t.slot), t, 0) for t in tasks]
+
+
 def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_it_fails(
     etcd: str,
 ) -> None:
@@ -177,19 +202,10 @@ def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_i
     the agents in the order the transactions were folded; when a transaction of it conflicts, or
     the commit is cancelled while one is in flight, every one that committed is still folded
     and told (before the full resend that follows a reload)."""
-    from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
-    from berth.proto.berth.v1 import agent_pb2
 
     async def go() -> None:
-        store = Stalling(etcd, "/held/")
-        nodes = [pb.Node(id=f"n{i}", name=f"host-{i}", state=pb.NODE_STATE_READY) for i in range(4)]
-        await store.commit([Put(store.keys.node(n.id), n, 0) for n in nodes])
-        cluster = Cluster(store)
-        await cluster.start()
-        await cluster.stop()  # the loops are not needed: the test drives _commit itself
-        sent: list[tuple[str, agent_pb2.Assignments]] = []
-        cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
+        store, cluster, sent = await four_node_cluster(etcd, "/held/")
         fold = cluster._fold
         told_while_folding: list[int] = []
         folded: list[str] = []  # the first task id of each transaction, in the order folded
@@ -201,11 +217,10 @@ def test_agents_hear_of_a_large_commit_when_it_ends_and_of_what_committed_when_i
 
         cluster._fold = counting_fold  # type: ignore[method-assign]
 
-        def ops(service: str) -> list[Op]:  # node by node, as a pass writes them: n0's first
-            tasks = [pb.Task(id=f"{service}.{i}", slot=i, node_id=f"n{i // 100}") for i in range(400)]
-            return [Put(store.keys.task(service, t.slot), t, 0) for t in tasks]
+        def ops(service: str) -> list[Op]:
+            return hundred_per_node(store, service)
 
-        def first_ids(messages: list[tuple[str, agent_pb2.Assignments]]) -> list[str]:
+        def first_ids(messages: list[tuple[str, Assignments]]) -> list[str]:
             """The first task id of each message (a transaction's first message is its first task's)."""
             return [a.tasks[0].id for _, a in messages if a.tasks]
 
@@ -269,20 +284,11 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
     folded at once and the agents told of all of it. A fold that fails while a commit is being
     cancelled leaves the cache uncertain and the cancellation goes on."""
     from berth.controller import cluster as cluster_module
-    from berth.controller.cluster import Cluster
-    from berth.proto.berth.v1 import agent_pb2
 
     monkeypatch.setattr(cluster_module, "FOLD_CHUNK", 1)
 
     async def go() -> None:
-        store = Stalling(etcd, "/chunks/")
-        nodes = [pb.Node(id=f"n{i}", name=f"host-{i}", state=pb.NODE_STATE_READY) for i in range(4)]
-        await store.commit([Put(store.keys.node(n.id), n, 0) for n in nodes])
-        cluster = Cluster(store)
-        await cluster.start()
-        await cluster.stop()  # the loops are not needed: the test drives _commit itself
-        sent: list[tuple[str, agent_pb2.Assignments]] = []
-        cluster.hub.send = lambda node_id, m: sent.append((node_id, m.assignments)) is None  # type: ignore[method-assign]
+        store, cluster, sent = await four_node_cluster(etcd, "/chunks/")
         fold = cluster._fold
         ticks = 0
         ticks_at_fold: list[int] = []
@@ -294,8 +300,7 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
         cluster._fold = counting_fold  # type: ignore[method-assign]
 
         def ops(service: str) -> list[Op]:
-            tasks = [pb.Task(id=f"{service}.{i}", slot=i, node_id=f"n{i // 100}") for i in range(400)]
-            return [Put(store.keys.task(service, t.slot), t, 0) for t in tasks]
+            return hundred_per_node(store, service)
 
         async def ticker() -> None:
             nonlocal ticks
@@ -351,7 +356,6 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
 def test_a_failure_applying_a_commit_reloads_and_resyncs_agents(etcd: str) -> None:
     """If folding a committed transaction into the cache fails, the controller starts again from
     etcd and sends every agent the full list of what it must run."""
-    from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
     from berth.proto.berth.v1 import agent_pb2
 
@@ -384,7 +388,6 @@ def test_a_write_whose_outcome_is_unknown_is_read_back_before_the_next_one(etcd:
     """A transaction that commits while its reply is lost (a timeout, a dropped connection) fails
     the call; the next writer reads etcd again first, so it decides on what really committed and
     the agents hear of it, instead of waiting for a conflict that may never come."""
-    from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
     from berth.proto.berth.v1 import agent_pb2
 
@@ -417,7 +420,6 @@ def test_a_write_whose_outcome_is_unknown_is_read_back_before_the_next_one(etcd:
 def test_while_etcd_cannot_be_read_back_every_writer_fails_and_changes_nothing(etcd: str) -> None:
     """After a write of unknown outcome, a writer that cannot reload refuses with Unavailable
     (nothing is decided on a view that may be stale) until etcd answers again."""
-    from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
 
     async def go() -> None:
@@ -445,7 +447,6 @@ def test_a_write_cancelled_in_flight_is_read_back_before_the_next_one(etcd: str)
     """gRPC cancels a handler whose client gave up (its deadline passed while the writer lock was
     held by a long pass, or it disconnected). If that happens while its transaction is in flight,
     etcd may have committed it: the next writer must read it back, not decide without it."""
-    from berth.controller.cluster import Cluster
 
     class SlowReply(Store):
         """The real store; after etcd commits, the reply takes forever when ``slow`` is set."""
@@ -489,7 +490,6 @@ def test_a_node_whose_registration_reply_was_lost_is_not_declared_down_at_once(e
     """A node down for a minute registers again; etcd commits it ready but the reply is lost.
     When the next writer reads that back, the node gets a fresh deadline (as at controller
     start) instead of being judged by the silence from before it came back."""
-    from berth.controller.cluster import Cluster
     from berth.controller.errors import UnavailableError
     from berth.controller.nodes import Liveness
     from berth.proto.berth.v1 import agent_pb2
@@ -528,7 +528,6 @@ def test_plans_never_take_the_threads_the_placement_pass_needs(
     import threading
 
     from berth.controller import cluster as cluster_module
-    from berth.controller.cluster import Cluster
 
     release = threading.Event()
     ran_on: list[str] = []

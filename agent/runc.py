@@ -203,27 +203,23 @@ class RuncRuntime:
             with contextlib.suppress(FileNotFoundError):
                 pidfile.unlink()
             started_at = time.time()
-            with open(bundle / "stdout.log", "ab") as logf:
-                proc = await asyncio.create_subprocess_exec(
-                    self.runc_binary, "--root", str(self.runc_root),
-                    "--log", str(bundle / "runc.log"), "--log-format", "json",
-                    "run", "--detach", "--pid-file", str(pidfile), "--bundle", str(bundle), task_id,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                )  # fmt: skip
+            run = asyncio.ensure_future(self._runc_run(task_id, bundle, pidfile))
             try:
-                rc = await proc.wait()
+                rc = await asyncio.shield(run)
             except asyncio.CancelledError:
-                # cancelled (the task is being stopped) while runc makes the container: let it
-                # finish (within reason), still holding the lock, and record what it made, so
-                # that the stop that follows (it waits for the lock) finds a container it can
-                # kill, rather than racing runc's own create with the teardown (a container that
-                # got past its setup as its bundle went would run on unseen: an at-most-one
-                # service twice)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), RUNC_RUN_GRACE)
-                if proc.returncode == 0:
+                # cancelled (the task is being stopped) while runc is started or makes the
+                # container: let it finish (within reason), still holding the lock, and record
+                # what it made, so that the stop that follows (it waits for the lock) finds a
+                # container it can kill, rather than racing runc's own create with the teardown
+                # (a container that got past its setup as its bundle went would run on unseen:
+                # an at-most-one service twice). Shielded from the start: a cancelled spawn
+                # kills runc wherever it was in making the container.
+                await asyncio.wait({run}, timeout=RUNC_RUN_GRACE)
+                if run.done() and not run.cancelled() and run.exception() is None and run.result() == 0:
                     with contextlib.suppress(OSError, ValueError):
                         self._started(task_id, int(pidfile.read_text().strip()), started_at)
+                elif not run.done():  # runc hung past the grace: nobody will await it
+                    run.add_done_callback(_consume_outcome)
                 raise
             if rc != 0:
                 reason = _runc_log_error(bundle / "runc.log") or f"runc run exited with {rc}"
@@ -235,6 +231,17 @@ class RuncRuntime:
                 task_id=task_id, pid=pid, ip=str(saved.get("ip", "")),
                 image_digest=str(saved.get("image_digest", "")), started_at=started_at,
             )  # fmt: skip
+
+    async def _runc_run(self, task_id: str, bundle: Path, pidfile: Path) -> int:
+        """``runc run --detach``, output to the container's log: its exit code."""
+        with open(bundle / "stdout.log", "ab") as logf:
+            proc = await asyncio.create_subprocess_exec(
+                self.runc_binary, "--root", str(self.runc_root),
+                "--log", str(bundle / "runc.log"), "--log-format", "json",
+                "run", "--detach", "--pid-file", str(pidfile), "--bundle", str(bundle), task_id,
+                stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+            )  # fmt: skip
+        return await proc.wait()
 
     def _started(self, task_id: str, pid: int, started_at: float) -> None:
         _write_json(self.bundle(task_id) / "run.json", {"pid": pid, "started_at": started_at})
@@ -399,6 +406,12 @@ class RuncRuntime:
 
 
 # -- config.json ---------------------------------------------------------------------------------
+
+
+def _consume_outcome(future: asyncio.Future[int]) -> None:
+    """Read a finished future's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _short(task_id: str) -> str:

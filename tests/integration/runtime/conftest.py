@@ -152,13 +152,21 @@ def _serve(config: dict[str, Any]) -> None:
                 await runtime.stop(task_id, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError, RuntimeFailure):
                 await starting
+            why = ""
             if req["when"] == "after":
                 found = await runtime._current_pid(task_id)
+                if found is None:  # (for the failure message: what runc said and left)
+                    bundle = runtime.bundle(task_id)
+                    runc_log = bundle / "runc.log"
+                    tail = runc_log.read_text()[-600:] if runc_log.exists() else ""
+                    state = await runtime._state(task_id)
+                    ran = (bundle / "run.json").exists()
+                    why = f"runc state {state}; run.json {ran}; runc.log {tail!r}"
                 await runtime.stop(task_id, timeout=1.0)
             left = await runtime._current_pid(task_id)  # (a killed one may await its reaping)
             left = left if left is not None and _alive(left) else None
             await runtime.remove(task_id)
-            return {"caught": running and starting.cancelled(), "found": found, "left": left}
+            return {"caught": running and starting.cancelled(), "found": found, "left": left, "why": why}
         if op == "wait":
             return dataclasses.asdict(await runtime.wait(req["task_id"]))
         if op == "stop":

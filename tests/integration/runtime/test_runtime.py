@@ -258,7 +258,9 @@ def test_a_stop_while_runc_makes_the_container_finds_and_kills_it(host: Host, wh
         if outcome["caught"]:  # the start was cancelled while runc ran
             caught.append(attempt)
             if when == "after":
-                assert outcome["found"] is not None, f"attempt {attempt}: the stop found no container"
+                assert outcome["found"] is not None, (
+                    f"attempt {attempt}: the stop found no container: {outcome['why']}"
+                )
             assert outcome["left"] is None, f"attempt {attempt}: the container ran on after the stop"
         found = [
             int(p.name)

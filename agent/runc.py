@@ -214,12 +214,14 @@ class RuncRuntime:
                 # (a container that got past its setup as its bundle went would run on unseen:
                 # an at-most-one service twice). Shielded from the start: a cancelled spawn
                 # kills runc wherever it was in making the container.
-                await asyncio.wait({run}, timeout=RUNC_RUN_GRACE)
+                try:
+                    await asyncio.wait({run}, timeout=RUNC_RUN_GRACE)
+                finally:
+                    if not run.done():  # runc hung past the grace (or a second cancel): nobody awaits it
+                        run.add_done_callback(_consume_outcome)
                 if run.done() and not run.cancelled() and run.exception() is None and run.result() == 0:
                     with contextlib.suppress(OSError, ValueError):
                         self._started(task_id, int(pidfile.read_text().strip()), started_at)
-                elif not run.done():  # runc hung past the grace: nobody will await it
-                    run.add_done_callback(_consume_outcome)
                 raise
             if rc != 0:
                 reason = _runc_log_error(bundle / "runc.log") or f"runc run exited with {rc}"

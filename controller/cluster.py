@@ -236,25 +236,34 @@ class Cluster:
                 if done % FOLD_CHUNK == 0 and done < len(committed):
                     await asyncio.sleep(0)
         except asyncio.CancelledError:  # (raised only by the yield: the folds do not await)
-            for batch, revisions in committed[done:]:
-                self._fold(batch, revisions, outgoing=outgoing)
+            self._fold_rest(committed[done:], outgoing)
             raise
         finally:
             self._send(outgoing)
 
     def _catch_up_at_once(self, committed: Sequence[tuple[Sequence[Op], dict[str, int]]]) -> None:
         """Fold what committed of a call that is failing or cancelled, then tell the agents,
-        without yielding; a fold that fails then leaves the cache uncertain (the next writer
-        reloads) instead of taking the place of the call's own exception."""
+        without yielding (see ``_fold_rest``)."""
         outgoing: list[tuple[str, agent_pb2.ControllerMessage]] = []
+        try:
+            self._fold_rest(committed, outgoing)
+        finally:
+            self._send(outgoing)
+
+    def _fold_rest(
+        self,
+        committed: Sequence[tuple[Sequence[Op], dict[str, int]]],
+        outgoing: list[tuple[str, agent_pb2.ControllerMessage]],
+    ) -> None:
+        """Fold ``committed`` while an exception (or a cancellation) is on its way out: a fold
+        that fails leaves the cache uncertain (the next writer reloads) instead of taking the
+        place of that exception."""
         try:
             for batch, revisions in committed:
                 self._fold(batch, revisions, outgoing=outgoing)
         except Exception:
             log.exception("applying a commit failed; the next writer reloads state from etcd")
             self._uncertain = True
-        finally:
-            self._send(outgoing)
 
     def _send(self, outgoing: Sequence[tuple[str, agent_pb2.ControllerMessage]]) -> None:
         for node_id, message in outgoing:  # in the order the transactions were folded

@@ -348,6 +348,23 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
         with pytest.raises(asyncio.CancelledError):
             await commit
         assert cluster._uncertain
+
+        # and one that fails between two chunks, when a cancel came while the loop was let in
+        await cluster._reload()
+        store.stall_key = ""
+
+        def first_then_broken(batch: Sequence[Op], revisions: dict[str, int], **kwargs: object) -> None:
+            cluster._fold = broken_fold  # type: ignore[method-assign]
+            fold(batch, revisions, **kwargs)  # type: ignore[arg-type]
+
+        cluster._fold = first_then_broken  # type: ignore[method-assign]
+        commit = asyncio.create_task(cluster._commit(ops("cron")))
+        while cluster._fold is first_then_broken:
+            await asyncio.sleep(0)
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+        assert cluster._uncertain
         await store.close()
 
     run(go())

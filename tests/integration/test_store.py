@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -302,6 +302,17 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
         def ops(service: str) -> list[Op]:
             return hundred_per_node(store, service)
 
+        async def cancel_commit_when(service: str, ready: Callable[[], bool]) -> None:
+            """Commit ``service``'s tasks, cancel the call once ``ready()``: it must raise the
+            cancellation and leave the cache uncertain."""
+            commit = asyncio.create_task(cluster._commit(ops(service)))
+            while not ready():
+                await asyncio.sleep(0)  # (one loop turn: a cancel must land between two folds)
+            commit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await commit
+            assert cluster._uncertain
+
         async def ticker() -> None:
             nonlocal ticks
             while True:
@@ -317,18 +328,12 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
         # cancelled while it lets the loop in after the first fold: the other three are folded
         sent.clear()
         ticks_at_fold.clear()
-        commit = asyncio.create_task(cluster._commit(ops("api")))
-        while not ticks_at_fold:
-            await asyncio.sleep(0)
-        commit.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await commit
+        await cancel_commit_when("api", lambda: bool(ticks_at_fold))
         assert len(ticks_at_fold) == 4
         assert {t.id for _, a in sent for t in a.tasks} == {f"api.{i}" for i in range(400)}
         assert {s.value.id for key, s in cluster.state.tasks.items() if "/api/" in key} == {
             f"api.{i}" for i in range(400)
         }
-        assert cluster._uncertain
         ticking.cancel()
 
         # a fold that fails while the commit is being cancelled: the cancellation goes on
@@ -341,13 +346,7 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
         cluster._fold = broken_fold  # type: ignore[method-assign]
         store.stall_key = store.keys.task("jobs", 300)
         store.committed = 0
-        commit = asyncio.create_task(cluster._commit(ops("jobs")))
-        while store.committed < 3:
-            await asyncio.sleep(0.01)
-        commit.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await commit
-        assert cluster._uncertain
+        await cancel_commit_when("jobs", lambda: store.committed >= 3)
 
         # and one that fails between two chunks, when a cancel came while the loop was let in
         await cluster._reload()
@@ -358,13 +357,7 @@ def test_folding_a_large_commit_lets_the_event_loop_run_and_a_cancel_there_folds
             fold(batch, revisions, **kwargs)  # type: ignore[arg-type]
 
         cluster._fold = first_then_broken  # type: ignore[method-assign]
-        commit = asyncio.create_task(cluster._commit(ops("cron")))
-        while cluster._fold is first_then_broken:
-            await asyncio.sleep(0)
-        commit.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await commit
-        assert cluster._uncertain
+        await cancel_commit_when("cron", lambda: cluster._fold is not first_then_broken)
         await store.close()
 
     run(go())

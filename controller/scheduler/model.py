@@ -383,18 +383,17 @@ class NodeTable:
 
     def commit_rows(self, rows: IntArray, request: IntArray, service: str) -> None:
         """:meth:`commit` of one task on each of ``rows`` (distinct nodes), as array operations."""
-        self.allocated[:, rows] += request[:, np.newaxis]
-        self.service_counts(service)[rows] += 1
-        for key, counts in self._domain_counts.get(service, {}).items():
-            np.add.at(counts, self._domains[key][rows], 1)
-        self.version += 1
+        self._add_rows(rows, request, service, 1)
 
     def uncommit_rows(self, rows: IntArray, request: IntArray, service: str) -> None:
         """Undo :meth:`commit_rows`."""
-        self.allocated[:, rows] -= request[:, np.newaxis]
-        self.service_counts(service)[rows] -= 1
+        self._add_rows(rows, request, service, -1)
+
+    def _add_rows(self, rows: IntArray, request: IntArray, service: str, sign: int) -> None:
+        self.allocated[:, rows] += sign * request[:, np.newaxis]
+        self.service_counts(service)[rows] += sign
         for key, counts in self._domain_counts.get(service, {}).items():
-            np.subtract.at(counts, self._domains[key][rows], 1)
+            np.add.at(counts, self._domains[key][rows], sign)
         self.version += 1
 
     def uncommit(self, row: int, request: IntArray, service: str) -> None:

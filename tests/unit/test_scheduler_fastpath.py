@@ -252,6 +252,21 @@ def test_update_stops_trusting_at_the_first_node_whose_rank_did_not_get_worse() 
         assert index.update(rows) == (3 if corrupt else None)
 
 
+def test_a_run_keeps_the_label_spread_counts_of_its_service() -> None:
+    # Two generations of one service in a batch: replicas spread by zone, a run of the new spec
+    # (no spread: the fast path), then more spread replicas, which must see where that run went.
+    nodes = [dataclasses.replace(node(f"n{i}"), labels={"zone": "ab"[i % 2]}) for i in range(6)]
+    spread = service("web", 3, resources=Resources(cpu_millis=100), spread=("zone",))
+    run = [
+        dataclasses.replace(t, task_id=f"web.new.{t.slot}")
+        for t in service("web", 9, resources=Resources(cpu_millis=200), max_per_node=2)[:7]
+    ]
+    later = [dataclasses.replace(t, task_id=f"web.late.{t.slot}", slot=t.slot + 20) for t in spread]
+    fast, slow = both(nodes, spread + run + later, improve=False)
+    assert fast == slow
+    assert len(fast.placements) == 13
+
+
 def test_negative_allocation_keeps_to_the_per_task_path() -> None:
     # The per-task path clips "allocated - own" at 0 only once some candidate holds a replica,
     # which changes the load of a node with a negative allocation in the middle of the run.
